@@ -1,0 +1,200 @@
+"""Tiny Stable-Diffusion-shaped MODEL / CLIP / VAE built from ComfyUI's own classes with seeded random weights.
+
+They are wrapped exactly as ComfyUI wraps a loaded checkpoint (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE), keep the
+real block topology (so attention sites have the real ComfyUI keys) and use ComfyUI's shipped SD1 tokenizer, so
+prompts tokenize exactly as with a real checkpoint. Pictures made with them are noise: they exist to exercise code
+paths and exact maths on CPU in seconds, never to judge image quality.
+
+Developer tooling (tests, headless smoke runs, benchmark CPU mode). Import only after tools.comfy_host.boot().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+TINY_CONTEXT_DIM = 32
+TINY_CLIP_CONFIG = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 49407,
+    "hidden_act": "quick_gelu",
+    "hidden_size": TINY_CONTEXT_DIM,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "pad_token_id": 1,
+    "projection_dim": TINY_CONTEXT_DIM,
+    "torch_dtype": "float32",
+    "vocab_size": 49408,  # the 2024 host hard-codes the SD1 vocabulary size
+}
+# SD1.5 block topology (same input/middle/output block ids as the real model) at 1/10 of the width.
+TINY_SD1_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "context_dim": TINY_CONTEXT_DIM,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+    "num_heads": 4,
+    "num_head_channels": -1,
+}
+TINY_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 64,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 1, 1, 1],  # four levels: ComfyUI hard-codes the x8 downscale of SD VAEs
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
+
+def _clip_config_path() -> str:
+    path = os.path.join(tempfile.gettempdir(), f"attnedit_tiny_clip_{os.getpid()}.json")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump(TINY_CLIP_CONFIG, f)
+    return path
+
+
+def init_weights(module: torch.nn.Module, seed: int) -> None:
+    """Seeded init: ComfyUI creates layers uninitialised (torch.empty), so every parameter must be written."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in module.modules():
+            for name, param in mod.named_parameters(recurse=False):
+                if isinstance(mod, torch.nn.GroupNorm | torch.nn.LayerNorm):
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                elif param.ndim >= 2:
+                    fan_in = max(1, param[0].numel())
+                    param.copy_(torch.randn(param.shape, generator=gen) / fan_in**0.5)
+                else:
+                    param.zero_()
+
+
+def _tiny_sd15_config():
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    class TinySD15(comfy.supported_models.SD15):
+        """SD1.5 family (subclass, so family checks see SD1.x) with the tiny widths."""
+
+        unet_config = {"context_dim": TINY_CONTEXT_DIM, "model_channels": 32, "use_linear_in_transformer": False,
+                       "adm_in_channels": None, "use_temporal_attention": False}
+        unet_extra_config = {"num_heads": 4, "num_head_channels": -1}
+
+        def clip_target(self, state_dict=None):
+            target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+            target.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": _clip_config_path()}
+            return target
+
+    return TinySD15(dict(TINY_SD1_UNET))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny SD1.x-shaped MODEL (ModelPatcher over comfy.model_base.BaseModel, eps prediction)."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    cfg = _tiny_sd15_config()
+    cfg.unet_config["dtype"] = dtype
+    model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device())
+    init_weights(model, seed)
+    model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def make_clip(seed: int = 1):
+    """A tiny SD1 text encoder (comfy.sd.CLIP) with ComfyUI's shipped SD1 tokenizer. Build under no_grad (2024 host)."""
+    import comfy.sd
+
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(_tiny_sd15_config().clip_target())
+        init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def make_vae(seed: int = 2):
+    """A tiny KL autoencoder (comfy.sd.VAE) with the SD x8 downscale."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.no_grad():
+        ae = AutoencoderKL(ddconfig=TINY_VAE_DDCONFIG, embed_dim=4)
+        init_weights(ae, seed)
+        return comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"ddconfig": TINY_VAE_DDCONFIG, "embed_dim": 4}})
+
+
+def constant_eps_model(model, eps: torch.Tensor):
+    """A clone whose denoiser is analytic: eps_theta(x, sigma, c) == eps for every input (exact-maths tests).
+
+    Installed as ComfyUI's unet function wrapper: denoised = x - sigma * eps in k-diffusion (VE) space.
+    """
+    m = model.clone()
+
+    def analytic(apply_model, args):
+        x, sigma = args["input"], args["timestep"]
+        return x - eps.to(x).expand_as(x) * sigma.view(-1, 1, 1, 1).to(x)
+
+    m.set_model_unet_function_wrapper(analytic)
+    return m
+
+
+@dataclass
+class TinyBundle:
+    model: object
+    clip: object
+    vae: object
+
+
+def make_bundle(seed: int = 0) -> TinyBundle:
+    with torch.inference_mode():  # as the executor would: loaders run under inference_mode
+        return TinyBundle(make_model(seed), make_clip(seed + 1), make_vae(seed + 2))
+
+
+class AttnEditTestTinyCheckpoint:
+    """Test/smoke-run only (never shipped in NODE_CLASS_MAPPINGS): stands in for CheckpointLoaderSimple."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {"default": "tiny"})},
+                "optional": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "Attention Edit/testing"
+
+    def load(self, ckpt_name, seed=0):
+        return (make_model(seed), make_clip(seed + 1), make_vae(seed + 2))
+
+
+TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
