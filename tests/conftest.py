@@ -32,3 +32,37 @@ def pkg(dotted: str):
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_models.make_bundle(0)
+
+
+def call_node(node_id: str, _function: str | None = None, **inputs):
+    """Call a pack node's function in-process the way the executor does (under inference_mode); returns `result`."""
+    import nodes
+    import torch
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    with torch.inference_mode():
+        out = getattr(cls(), _function or cls.FUNCTION)(**inputs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+def make_image(size: int = 128, batch: int = 1, seed: int = 0):
+    """A smooth seeded test picture (IMAGE [B, H, W, 3]): blobs on a gradient, so maps and masks have structure."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    images = []
+    for _ in range(batch):
+        img = torch.stack([xx, yy, 1 - xx], -1) * 0.5
+        for _ in range(3):
+            cx, cy, r = torch.rand(3, generator=g).tolist()
+            blob = (((xx - cx) ** 2 + (yy - cy) ** 2) < (0.1 + 0.2 * r) ** 2).float()
+            img = img * (1 - blob[..., None]) + blob[..., None] * torch.rand(3, generator=g)
+        images.append(img)
+    return torch.stack(images).clamp(0, 1)
+
+
+def make_latent(size: int = 16, batch: int = 1, seed: int = 0):
+    import torch
+
+    return {"samples": torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))}

@@ -1,0 +1,242 @@
+"""The one module of `attention/` that touches ComfyUI: attention dispatchers, the UNet wrapper, site discovery.
+
+Everything is installed on a `ModelPatcher.clone()` through the public patch registries (attn1/attn2 replace, the
+unet function wrapper); nothing is assigned into `comfy.*` or `torch.*`. Patch functions are module-level functions
+(deep-copy keeps their identity); what they need per call comes from `extra_options`: the controllers installed by
+patch nodes (keys.CONTROLLERS) and the RunState of the sampling node (keys.RUN).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import keys
+from .layers import AttnSite, query_grid
+from .run import AttnCall, BatchLayout, Controller, RunState, dispatch
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------- sites
+def unet_sites(model_patcher) -> list[AttnSite]:
+    """Every transformer attention site of the patcher's UNet, with its level (see layers.py).
+
+    Walks ComfyUI's `UNetModel` blocks in order: input blocks halve the resolution after each Downsample, output blocks
+    double it after each Upsample; each SpatialTransformer contributes `len(transformer_blocks)` sites (SDXL: 2 or 10).
+    """
+    unet = getattr(model_patcher.model, "diffusion_model", None)
+    if unet is None or not hasattr(unet, "input_blocks"):
+        return []
+    sites: list[AttnSite] = []
+    level = 1
+    for index, block in enumerate(unet.input_blocks):
+        sites += _block_sites("input", index, block, level)
+        if any(type(m).__name__ == "Downsample" for m in block):
+            level *= 2
+    sites += _block_sites("middle", 0, unet.middle_block, level)
+    for index, block in enumerate(unet.output_blocks):
+        sites += _block_sites("output", index, block, level)
+        if any(type(m).__name__ == "Upsample" for m in block):
+            level //= 2
+    return sites
+
+
+def _block_sites(name: str, index: int, block, level: int) -> list[AttnSite]:
+    out = []
+    for module in block:
+        if type(module).__name__ == "SpatialTransformer":
+            out += [AttnSite(name, index, depth, level) for depth in range(len(module.transformer_blocks))]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- dispatch
+def default_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict):
+    """The host's own attention kernel, called exactly as CrossAttention.forward would call it."""
+    from comfy.ldm.modules import attention as comfy_attention
+
+    if "attn_precision" in extra_options:  # ComfyUI >= 2024-05 signature
+        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options["attn_precision"])
+    return comfy_attention.optimized_attention(q, k, v, heads)
+
+
+def _make_call(q, k, v, extra_options: dict, kind: str) -> AttnCall:
+    shape = extra_options.get("original_shape")
+    latent_hw = (int(shape[2]), int(shape[3])) if shape is not None else (1, q.shape[1])
+    h, w, level = query_grid(q.shape[1], latent_hw)
+    block = extra_options.get("block") or ("unknown", 0)
+    site = AttnSite(block[0], int(block[1]), int(extra_options.get("block_index", 0)), level)
+    layout = BatchLayout.from_call(q.shape[0], extra_options.get("cond_or_uncond", [0]))
+    sigmas = extra_options.get("sigmas")
+    sigma = float(sigmas[0]) if sigmas is not None else 0.0
+    return AttnCall(q, k, v, int(extra_options["n_heads"]), kind, site, (h, w), layout,
+                    extra_options.get(keys.RUN), sigma)
+
+
+def _dispatch(q, k, v, extra_options, kind):
+    controllers = extra_options.get(keys.CONTROLLERS, ())
+    run = extra_options.get(keys.RUN)
+    if not controllers and run is None:
+        return default_attention(q, k, v, extra_options["n_heads"], extra_options)
+    call = _make_call(q, k, v, extra_options, kind)
+    return dispatch(call, controllers, lambda: default_attention(q, k, v, call.heads, extra_options))
+
+
+def attn1_dispatch(q, k, v, extra_options):
+    """attn1 (self-attention) replace patch shared by every controller of this pack."""
+    return _dispatch(q, k, v, extra_options, "self")
+
+
+def attn2_dispatch(q, k, v, extra_options):
+    """attn2 (cross-attention) replace patch shared by every controller of this pack."""
+    return _dispatch(q, k, v, extra_options, "cross")
+
+
+setattr(attn1_dispatch, keys.DISPATCH_MARK, True)
+setattr(attn2_dispatch, keys.DISPATCH_MARK, True)
+
+
+def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None:
+    """Route the given sites (default: all) of `model_patcher` (a clone) through our dispatchers.
+
+    A site that already carries another pack's replace patch is left alone (logged): we never drop a foreign patch.
+    """
+    sites = unet_sites(model_patcher) if sites is None else sites
+    replace = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+    for site in sites:
+        for name, fn, setter in (("attn1", attn1_dispatch, model_patcher.set_model_attn1_replace),
+                                 ("attn2", attn2_dispatch, model_patcher.set_model_attn2_replace)):
+            current = replace.get(name, {}).get(site.key)
+            if current is not None and not getattr(current, keys.DISPATCH_MARK, False):
+                log.warning("Attention Edit: %s %s already patched by another node; leaving it alone", name, site.key)
+                continue
+            setter(fn, site.block, site.index, site.depth)
+
+
+def add_controller(model, controller: Controller):
+    """A clone of `model` with `controller` appended to its controllers and every site dispatched (patch nodes)."""
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    options[keys.CONTROLLERS] = tuple(options.get(keys.CONTROLLERS, ())) + (controller,)
+    install_dispatch(clone)
+    return clone
+
+
+def add_step_hook(model, hook):
+    """A clone of `model` whose edit sampler will run `hook` around every step (local blend, MAG-Edit, ...)."""
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    options[keys.STEP_HOOKS] = tuple(options.get(keys.STEP_HOOKS, ())) + (hook,)
+    return clone
+
+
+def controllers_of(model) -> tuple:
+    return tuple(model.model_options.get("transformer_options", {}).get(keys.CONTROLLERS, ()))
+
+
+def step_hooks_of(model) -> tuple:
+    return tuple(model.model_options.get("transformer_options", {}).get(keys.STEP_HOOKS, ()))
+
+
+# --------------------------------------------------------------------------------------------------- UNet wrapper
+def _slice_rows(value, rows: torch.Tensor, total: int):
+    """Select `rows` from every tensor (nested in dicts/lists, e.g. ControlNet outputs) whose batch is `total`."""
+    if isinstance(value, torch.Tensor):
+        return value[rows.to(value.device)] if value.ndim and value.shape[0] == total else value
+    if isinstance(value, dict):
+        return {k: _slice_rows(v, rows, total) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_slice_rows(v, rows, total) for v in value)
+    return value
+
+
+def _override_context(context: torch.Tensor, labels: list[int], per_chunk: int, overrides: dict) -> torch.Tensor:
+    """Replace the cross-attention context of chunks whose label has an override ([1 or B, T', C] tensor)."""
+    pieces = []
+    for chunk, label in enumerate(labels):
+        piece = context[chunk * per_chunk:(chunk + 1) * per_chunk]
+        if label in overrides:
+            new = overrides[label].to(device=piece.device, dtype=piece.dtype)
+            if new.shape[1] != piece.shape[1]:
+                if piece.shape[1] % new.shape[1]:
+                    raise ValueError(f"context override has {new.shape[1]} tokens; the batch has {piece.shape[1]}")
+                new = new.repeat(1, piece.shape[1] // new.shape[1], 1)  # ComfyUI pads by repetition (lcm rule)
+            piece = new.expand(per_chunk, -1, -1) if new.shape[0] == 1 else new
+        pieces.append(piece)
+    return torch.cat(pieces)
+
+
+def _call_inner(prev, apply_model, args):
+    if prev is not None:
+        return prev(apply_model, args)
+    return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def make_unet_wrapper(prev=None):
+    """ComfyUI unet function wrapper that applies the RunState knobs of the current call and chains `prev`.
+
+    - context_override {label: context}: the cross-attention context of those chunks is replaced (null-text
+      embeddings, learned tokens, negative-prompt inversion);
+    - compute_labels: only chunks with these labels run through the UNet; the others return `fill[label]` (zeros
+      when absent). Used for cond-only passes (MAG-Edit, DPL) and uncond-only passes (null-text inner loop);
+    - outputs: the raw per-label denoised outputs of the last call are left in run.outputs.
+    """
+
+    def attnedit_unet_wrapper(apply_model, args):
+        c = args["c"]
+        run: RunState | None = c.get("transformer_options", {}).get(keys.RUN)
+        if run is None:
+            return _call_inner(prev, apply_model, args)
+        labels = [int(x) for x in args["cond_or_uncond"]]
+        x = args["input"]
+        per_chunk = x.shape[0] // len(labels)
+        if run.context_override and c.get("c_crossattn") is not None:
+            c = dict(c, c_crossattn=_override_context(c["c_crossattn"], labels, per_chunk, run.context_override))
+        keep = [i for i, lab in enumerate(labels) if run.compute_labels is None or lab in run.compute_labels]
+        if len(keep) == len(labels):
+            out = _call_inner(prev, apply_model, dict(args, c=c))
+        else:
+            out = _partial_call(prev, apply_model, args, c, labels, keep, per_chunk, run)
+        for chunk, label in enumerate(labels):
+            run.outputs[label] = out[chunk * per_chunk:(chunk + 1) * per_chunk]
+        return out
+
+    return attnedit_unet_wrapper
+
+
+def _partial_call(prev, apply_model, args, c, labels, keep, per_chunk, run):
+    x = args["input"]
+    total = x.shape[0]
+    pieces: list[torch.Tensor | None] = [None] * len(labels)
+    if keep:
+        rows = torch.cat([torch.arange(i * per_chunk, (i + 1) * per_chunk) for i in keep])
+        sub_c = {k: (v if k == "transformer_options" else _slice_rows(v, rows, total)) for k, v in c.items()}
+        options = dict(c.get("transformer_options", {}))
+        options["cond_or_uncond"] = [labels[i] for i in keep]
+        if "uuids" in options:
+            options["uuids"] = [options["uuids"][i] for i in keep]
+        sub_c["transformer_options"] = options
+        sub = dict(args, input=x[rows.to(x.device)], timestep=args["timestep"][rows.to(x.device)], c=sub_c,
+                   cond_or_uncond=options["cond_or_uncond"])
+        result = _call_inner(prev, apply_model, sub)
+        for j, i in enumerate(keep):
+            pieces[i] = result[j * per_chunk:(j + 1) * per_chunk]
+    for i, label in enumerate(labels):
+        if pieces[i] is None:
+            fill = run.fill.get(label)
+            pieces[i] = torch.zeros_like(x[:per_chunk]) if fill is None else fill.to(x)
+    return torch.cat(pieces)
+
+
+def install_unet_wrapper(model_patcher) -> None:
+    """Install our wrapper on a clone, chaining whatever unet function wrapper it already had."""
+    prev = model_patcher.model_options.get("model_function_wrapper")
+    if prev is not None and getattr(prev, "__name__", "") == "attnedit_unet_wrapper":
+        return
+    model_patcher.set_model_unet_function_wrapper(make_unet_wrapper(prev))
+
+
+def attach_run(model_patcher, run: RunState) -> None:
+    """Put the RunState of a sampling call on the caller's private clone."""
+    model_patcher.model_options.setdefault("transformer_options", {})[keys.RUN] = run

@@ -1,0 +1,12 @@
+"""Every key this pack writes into ComfyUI's `model_options["transformer_options"]`, defined once.
+
+Keys are prefixed `attnedit_` so they can never collide with core or another pack. Values stored under them are either
+immutable (controllers, step hooks: frozen dataclasses whose `__deepcopy__` returns self, because
+`ModelPatcher.clone()` deep-copies model_options) or the per-run `RunState`, which only the node that samples puts on
+its private clone and clears in `finally`.
+"""
+
+RUN = "attnedit_run"  # RunState of the sampling call in progress (set by the node that samples, never by a patch node)
+CONTROLLERS = "attnedit_controllers"  # tuple[Controller, ...] appended by patch nodes (AttentionHook, CPAM, ...)
+STEP_HOOKS = "attnedit_step_hooks"  # tuple[StepHook, ...] run by the edit sampler around every denoising step
+DISPATCH_MARK = "attnedit_dispatch"  # attribute set on our replace functions so we recognise our own patches

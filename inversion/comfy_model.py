@@ -1,0 +1,247 @@
+"""The one module of `inversion/` that touches ComfyUI: running our algorithms inside ComfyUI's sampling machinery.
+
+Every algorithm of the pack (inversion, null-text, the edit loop, MAG-Edit, DPL, InstDiffEdit) runs as the body of a
+custom KSAMPLER passed to `comfy.sample.sample_custom`, so ComfyUI does what it does for every sampler on both
+hosts: loads the model with its memory management, converts latents in and out of model space, prepares conditioning
+(SDXL size conditioning, ControlNet / T2I-Adapter, inpainting concat) and applies every other patch on the MODEL.
+Inside, `ComfyDenoiser` calls ComfyUI's CFG denoiser; our unet wrapper (attention/hooks.py) reads per-call knobs from
+the RunState.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from ..attention import hooks
+from ..attention.run import RunState
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+class UnsupportedModelError(ValueError):
+    """A MODEL whose family a technique does not support."""
+
+
+# ------------------------------------------------------------------------------------------------ host services
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def intermediate_device() -> torch.device:
+    import comfy.model_management
+
+    return comfy.model_management.intermediate_device()
+
+
+class Progress:
+    """ComfyUI progress bar (+ latent preview when the host enables previews) over `total` units of work."""
+
+    def __init__(self, model, total: int):
+        import comfy.utils
+        import latent_preview
+
+        self.total = max(int(total), 1)
+        self.done = 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+        try:
+            self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        except Exception:  # previews are a nicety; never fail a run on them
+            self.previewer = None
+
+    def update(self, units: int = 1, x0: torch.Tensor | None = None) -> None:
+        check_interrupt()
+        self.done = min(self.done + units, self.total)
+        preview = None
+        if self.previewer is not None and x0 is not None:
+            try:
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", x0[-1:].detach().float())
+            except Exception:
+                preview = None
+        self.bar.update_absolute(self.done, self.total, preview)
+
+
+# ------------------------------------------------------------------------------------------------ model facts
+def model_family(model) -> str:
+    """"sd1", "sd2", "sdxl" or the host's config class name (e.g. "Flux", "SD3") for other models."""
+    import comfy.supported_models as sm
+
+    config = getattr(model.model, "model_config", None)
+    for family, classes in (("sdxl", ("SDXL", "SDXLRefiner")), ("sd2", ("SD20",)), ("sd1", ("SD15",))):
+        for name in classes:
+            cls = getattr(sm, name, None)
+            if cls is not None and isinstance(config, cls):
+                return family
+    return type(config).__name__ if config is not None else type(model.model).__name__
+
+
+def require_family(model, technique: str, families: tuple[str, ...] = SUPPORTED_FAMILIES) -> str:
+    """The model family, or an UnsupportedModelError naming the technique, the model and what is supported."""
+    family = model_family(model)
+    if family not in families or not hooks.unet_sites(model):
+        names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+        raise UnsupportedModelError(
+            f"{technique} supports {', '.join(names.get(f, f) for f in families)} UNet models; the connected MODEL is "
+            f"{family}. Load an SD1.5, SD2.x or SDXL checkpoint for this node.")
+    return family
+
+
+def model_fingerprint(model) -> tuple:
+    """Identity of the diffusion model under any patches: inversions are only valid for the model they were made on."""
+    base = model.model
+    return (type(base).__name__, model_family(model), str(getattr(base, "model_type", "")), id(base))
+
+
+def sigma_table(model) -> torch.Tensor:
+    """The model's discrete sigma table (model_sampling.sigmas), honouring ModelSampling* object patches."""
+    if hasattr(model, "get_model_object"):
+        sampling = model.get_model_object("model_sampling")
+    else:
+        sampling = model.object_patches.get("model_sampling", model.model.model_sampling)
+    return sampling.sigmas.detach().float().cpu()
+
+
+def encode_text(clip, text: str) -> list:
+    """CONDITIONING for `text`, as core CLIPTextEncode makes it."""
+    tokens = clip.tokenize(text)
+    if hasattr(clip, "encode_from_tokens_scheduled"):
+        return clip.encode_from_tokens_scheduled(tokens)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def vae_encode(vae, image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> raw LATENT samples (VAEEncode)."""
+    return vae.encode(image[:, :, :, :3])
+
+
+def vae_decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    """Raw LATENT samples -> IMAGE [B, H, W, 3] (VAEDecode)."""
+    images = vae.decode(samples)
+    return images.reshape(-1, *images.shape[-3:]) if images.ndim > 4 else images
+
+
+def latent_to_raw(model, x: torch.Tensor) -> torch.Tensor:
+    """Model-space latent -> LATENT["samples"] space (process_latent_out)."""
+    return model.model.process_latent_out(x)
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+def _in_place_residuals() -> bool:
+    """True on hosts whose BasicTransformerBlock adds residuals in place (the 2024-03 CI host's `_forward`)."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    return hasattr(BasicTransformerBlock, "_forward")
+
+
+def make_autograd_safe(module: torch.nn.Module) -> int:
+    """Replace inference-mode parameters/buffers (created under the executor's inference_mode) by equal normal tensors.
+
+    Values are unchanged, so every later use of the model gives bit-identical results; without it autograd refuses to
+    save the weights for backward. Idempotent. Must run outside inference mode.
+    """
+    replaced = 0
+    for mod in module.modules():
+        for name, param in list(mod._parameters.items()):
+            if param is not None and param.is_inference():
+                mod._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                replaced += 1
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_inference():
+                mod._buffers[name] = buf.clone()
+                replaced += 1
+    return replaced
+
+
+def _save_copy(t: torch.Tensor) -> torch.Tensor:
+    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+
+
+@contextmanager
+def gradients(base_model: torch.nn.Module):
+    """Enable autograd through the UNet inside ComfyUI's executor (which runs everything under inference_mode).
+
+    On hosts with in-place residual adds, activations saved for backward are copied when saved, so the later in-place
+    add cannot invalidate them (instead of patching the host's transformer block).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        make_autograd_safe(base_model)
+        hook = torch.autograd.graph.saved_tensors_hooks(_save_copy, lambda t: t) if _in_place_residuals() \
+            else nullcontext()
+        with hook:
+            yield
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+class ComfyDenoiser:
+    """CFG-combined x0 prediction through ComfyUI (KSamplerX0Inpaint -> CFG -> our unet wrapper -> UNet).
+
+    Call knobs (attention/hooks.py wrapper): `context` {label: context} replaces the cross-attention context of those
+    chunks; `labels` computes only those chunks, the others return `fill[label]` (zeros by default). After a call
+    `outputs(label)` is that chunk's raw (un-combined) prediction.
+    """
+
+    def __init__(self, model_k, extra_args: dict, run: RunState):
+        self.model_k = model_k
+        self.extra_args = extra_args
+        self.run = run
+
+    @property
+    def base_model(self):
+        return self.model_k.inner_model.inner_model
+
+    def __call__(self, x: torch.Tensor, sigma: float, *, context: dict | None = None,
+                 labels: frozenset | None = None, fill: dict | None = None) -> torch.Tensor:
+        run = self.run
+        run.context_override = dict(context or {})
+        run.compute_labels = labels
+        run.fill = dict(fill or {})
+        try:
+            sigma_in = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
+            return self.model_k(x, sigma_in, **self.extra_args)
+        finally:
+            run.context_override, run.compute_labels, run.fill = {}, None, {}
+
+    def outputs(self, label: int) -> torch.Tensor | None:
+        return self.run.outputs.get(label)
+
+
+def run_sampler(model, positive: list, negative: list, latent: torch.Tensor, sigmas: torch.Tensor, cfg: float,
+                algorithm: Callable[[ComfyDenoiser, torch.Tensor], Any], run: RunState, *, grad: bool = False,
+                seed: int = 0) -> Any:
+    """Run `algorithm(denoiser, x)` as the body of a KSAMPLER inside comfy.sample.sample_custom; return its result.
+
+    latent: raw LATENT samples [B, C, h, w]; the algorithm receives them in model space. The run gets a private clone
+    of `model` with our unet wrapper and attention dispatchers; `run` is cleared in `finally`, also on errors and
+    interrupts, so nothing of this call survives it.
+    """
+    import comfy.sample
+    import comfy.samplers
+
+    clone = model.clone()
+    hooks.install_unet_wrapper(clone)
+    hooks.install_dispatch(clone)
+    hooks.attach_run(clone, run)
+    box: dict[str, Any] = {}
+
+    def attnedit_sampler(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None, **kwargs):
+        denoiser = ComfyDenoiser(model_k, extra_args or {}, run)
+        with gradients(denoiser.base_model) if grad else nullcontext():
+            box["result"] = algorithm(denoiser, x)
+        return x
+
+    try:
+        comfy.sample.sample_custom(clone, torch.zeros_like(latent), cfg, comfy.samplers.KSAMPLER(attnedit_sampler),
+                                   sigmas, positive, negative, latent, disable_pbar=True, seed=seed)
+    finally:
+        run.clear()
+    return box["result"]

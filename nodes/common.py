@@ -1,0 +1,52 @@
+"""Shared node plumbing: clear errors, input checks, image/latent helpers. No maths here."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("attention_edit")
+
+
+class AttnEditError(ValueError):
+    """An input problem, reported to the user as one sentence that names the input, the value and the fix."""
+
+    def __init__(self, node: str, message: str):
+        super().__init__(f"[Attention Edit] {node}: {message}")
+
+
+def wrap_errors(node: str, fn, *args, **kwargs):
+    """Run fn; turn the pack's own input errors (ValueError subclasses with a message) into AttnEditError."""
+    try:
+        return fn(*args, **kwargs)
+    except AttnEditError:
+        raise
+    except ValueError as err:
+        raise AttnEditError(node, str(err)) from err
+
+
+def crop_to_multiple(image: torch.Tensor, multiple: int = 8, node: str = "") -> torch.Tensor:
+    """Centre-crop IMAGE [B, H, W, C] to a multiple of `multiple` pixels (what VAEEncode does), logging when it crops."""
+    h, w = image.shape[1], image.shape[2]
+    nh, nw = h // multiple * multiple, w // multiple * multiple
+    if nh == 0 or nw == 0:
+        raise AttnEditError(node, f"`image` is {w}x{h} px; at least {multiple}x{multiple} px is needed")
+    if (nh, nw) == (h, w):
+        return image
+    top, left = (h - nh) // 2, (w - nw) // 2
+    log.warning("%s: image %dx%d is not a multiple of %d px; centre-cropped to %dx%d", node, w, h, multiple, nw, nh)
+    return image[:, top:top + nh, left:left + nw, :]
+
+
+def require(condition: bool, node: str, message: str) -> None:
+    if not condition:
+        raise AttnEditError(node, message)
+
+
+def check_inversion_model(node: str, inversion, model, fingerprint) -> None:
+    """The inversion must come from the same diffusion model that edits with it."""
+    if inversion.fingerprint != fingerprint:
+        raise AttnEditError(
+            node, f"`inversion` was made with another model ({inversion.fingerprint[0]}, {inversion.fingerprint[1]}) "
+                  "than the MODEL connected here; connect the same checkpoint to the Invert node and to this node.")

@@ -1,0 +1,163 @@
+"""AttnEditInvert: invert a real image into an ATTNEDIT_INVERSION (schema and plumbing only)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL
+from ..attention.run import CaptureSpec
+from ..attention.store import merge_stores, store_from_run
+from ..attention.tokens import tokenize_prompt
+from ..inversion import comfy_model, engine, null_text
+from ..inversion.quality import psnr
+from ..inversion.schedule import ddim_sigmas
+from ..inversion.trajectory import METHODS, InversionTrajectory
+from .common import AttnEditError, crop_to_multiple, wrap_errors
+from .types import ATTN_STORE, CAT_INVERSION, INVERSION
+
+log = logging.getLogger("attention_edit")
+NODE = "Invert Image"
+
+
+class AttnEditInvert:
+    DESCRIPTION = (
+        "Inverts a real image into the noise trajectory that regenerates it, so the image can then be edited with "
+        "attention control (connect the inversion to Attention Edit Sampler). Methods: null_text (Mokady et al. "
+        "2023, best reconstruction at high CFG, slowest), ddim (plain DDIM inversion, fast, drifts at CFG > 1), "
+        "direct (PnP/direct inversion, exact source branch, fast), negative_prompt (source prompt as negative, "
+        "fast). The reconstruction PSNR tells how faithfully the source branch regenerates the input "
+        "(above ~25 dB is good for SD1.5). Cached by ComfyUI: changing only the edit never re-inverts.")
+    CATEGORY = CAT_INVERSION
+    FUNCTION = "invert"
+    RETURN_TYPES = (INVERSION, "LATENT", "SIGMAS", "LATENT", "FLOAT", ATTN_STORE)
+    RETURN_NAMES = ("inversion", "noise_latent", "sigmas", "reconstruction", "psnr", "attention")
+    OUTPUT_TOOLTIPS = (
+        "The inversion: connect to Attention Edit Sampler and the technique nodes.",
+        "The inverted noise latent x_T (for core SamplerCustom with add_noise off and the sigmas output).",
+        "The DDIM schedule of the inversion (ddim_uniform timesteps, ends at 0).",
+        "What the source branch regenerates (decode it to judge the inversion).",
+        "Reconstruction PSNR in dB of the decoded reconstruction vs the input (mean over the batch); -1 without VAE.",
+        "Cross-attention maps of the source prompt captured during inversion (for masks and heat maps).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SD1.x / SD2.x / SDXL model you will edit with (same checkpoint)."}),
+                "clip": ("CLIP", {"tooltip": "Text encoder of the same checkpoint."}),
+                "source_prompt": ("STRING", {"multiline": True, "default": "a photo of a cat",
+                                             "tooltip": "A caption of the input image. Words you will edit must "
+                                                        "appear in it."}),
+                "method": (list(METHODS), {"default": "null_text",
+                                           "tooltip": "null_text: best fidelity, ~10 optimisation iterations per "
+                                                      "step. ddim: fastest, reconstruction drifts at CFG > 1. direct: "
+                                                      "exact source branch via per-step offsets. negative_prompt: "
+                                                      "source prompt used as negative, no optimisation."}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 500,
+                                  "tooltip": "DDIM steps of inversion and editing (50 in the papers)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Guidance scale used when editing; null-text optimises for this value."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "The image to edit (needs `vae`). Sizes are cropped to multiples of 8."}),
+                "vae": ("VAE", {"tooltip": "Encodes `image` and decodes the reconstruction for the PSNR."}),
+                "latent": ("LATENT", {"tooltip": "Alternatively, an already encoded image (instead of `image`)."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "Unconditional prompt (the null text). Keep empty for the "
+                                                          "papers' setting."}),
+                "inner_steps": ("INT", {"default": null_text.NULL_TEXT_INNER_STEPS, "min": 1, "max": 100,
+                                        "tooltip": "null_text only: max Adam iterations per step (early stop at "
+                                                   "loss < 1e-5 + i*2e-5)."}),
+                "capture_self_attention": ("BOOLEAN", {"default": False,
+                                                       "tooltip": "Also keep 32x32 self-attention (for DPL background "
+                                                                  "masks). Uses ~4 MB per image."}),
+            },
+        }
+
+    def invert(self, model, clip, source_prompt, method, steps, cfg, image=None, vae=None, latent=None,
+               negative_prompt="", inner_steps=null_text.NULL_TEXT_INNER_STEPS, capture_self_attention=False):
+        return wrap_errors(NODE, self._invert, model, clip, source_prompt, method, steps, cfg, image, vae, latent,
+                           negative_prompt, inner_steps, capture_self_attention)
+
+    def _invert(self, model, clip, source_prompt, method, steps, cfg, image, vae, latent, negative_prompt,
+                inner_steps, capture_self):
+        comfy_model.require_family(model, NODE)
+        if method not in METHODS:
+            raise AttnEditError(NODE, f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}")
+        samples, reference = _input_latent(image, vae, latent)
+        if reference is None and vae is not None:
+            reference = comfy_model.vae_decode(vae, samples)
+        source = comfy_model.encode_text(clip, source_prompt)
+        negative = comfy_model.encode_text(clip, negative_prompt)
+        sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
+        steps = len(sigmas) - 1
+        capture = CaptureSpec(cross_levels=frozenset({SEMANTIC_LEVEL}),
+                              self_levels=frozenset({SELF_LEVEL_DPL}) if capture_self else frozenset())
+        units = steps + engine.method_units(method, steps, inner_steps)
+        progress = comfy_model.Progress(model, units * samples.shape[0])
+        images = [engine.invert_image(model, source, negative, samples[i:i + 1], sigmas, method, cfg,
+                                      inner_steps=inner_steps, capture=capture,
+                                      progress=progress.update) for i in range(samples.shape[0])]
+        return _package(model, vae, clip, images, reference, sigmas, method, cfg, source, negative, source_prompt,
+                        negative_prompt)
+
+
+def _input_latent(image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw latent samples to invert and the reference image for the PSNR (None when given a latent)."""
+    if image is not None and latent is not None:
+        raise AttnEditError(NODE, "both `image` and `latent` are connected; connect only one of them")
+    if image is not None:
+        if vae is None:
+            raise AttnEditError(NODE, "`image` needs a `vae` to be encoded; connect the checkpoint's VAE")
+        image = crop_to_multiple(image, 8, NODE)
+        return comfy_model.vae_encode(vae, image).float(), image
+    if latent is not None:
+        return latent["samples"].float(), None
+    raise AttnEditError(NODE, "nothing to invert: connect `image` (with `vae`) or `latent`")
+
+
+def _package(model, vae, clip, images, reference, sigmas, method, cfg, source, negative, source_prompt,
+             negative_prompt):
+    device = comfy_model.intermediate_device()
+    stack = lambda name: None if getattr(images[0], name) is None else torch.stack(  # noqa: E731
+        [getattr(im, name).to(device) for im in images], 1)
+    recon = torch.stack([im.reconstruction for im in images]).to(device)
+    recon_raw = comfy_model.latent_to_raw(model, recon)
+    psnrs, preview = _measure(vae, recon_raw, reference)
+    tokens = tokenize_prompt(clip, source_prompt)
+    trajectory = InversionTrajectory(
+        method=method, sigmas=sigmas, latents=stack("latents"), source=source, negative=negative,
+        source_prompt=source_prompt, negative_prompt=negative_prompt, cfg=float(cfg),
+        fingerprint=comfy_model.model_fingerprint(model), uncond=stack("uncond"), offsets=stack("offsets"),
+        psnr=tuple(psnrs), source_tokens=tokens,
+        extras={"null_text_iterations": [im.iterations for im in images]})
+    log.info("Attention Edit: %s", trajectory.describe())
+    store = merge_stores([store_from_run(im.run, (tokens,), trajectory.latent_hw, device) for im in images])
+    noise = {"samples": comfy_model.latent_to_raw(model, trajectory.latents[0])}
+    mean_psnr = float(sum(psnrs) / len(psnrs)) if psnrs else -1.0
+    result = (trajectory, noise, sigmas, {"samples": recon_raw}, mean_psnr, store)
+    if preview is None:
+        return result
+    import nodes as comfy_nodes
+
+    ui = comfy_nodes.PreviewImage().save_images(preview)["ui"]
+    return {"ui": ui, "result": result}
+
+
+def _measure(vae, recon_raw, reference):
+    """PSNR per image of decode(reconstruction) vs the input image (or vs decode(input latent))."""
+    if vae is None:
+        return [], None
+    decoded = comfy_model.vae_decode(vae, recon_raw).float()
+    if reference is None:
+        return [], decoded
+    ref = reference[..., :3].to(decoded)
+    if ref.shape != decoded.shape:
+        return [], decoded
+    return [psnr(decoded[i], ref[i]) for i in range(decoded.shape[0])], decoded
+
+
+NODES = {"AttnEditInvert": (AttnEditInvert, "Invert Image (Attention Edit)")}

@@ -1,0 +1,102 @@
+"""Prompt-to-Prompt alignment and attention edits against hand-computed cases (real SD1 tokenizer, no model)."""
+
+import pytest
+import torch
+from conftest import pkg
+
+seq_align = pkg("attention.seq_align")
+p2p = pkg("attention.p2p")
+tokens = pkg("attention.tokens")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    import tiny_models
+
+    return tiny_models.make_clip()
+
+
+def tok(clip, text):
+    return tokens.tokenize_prompt(clip, text)
+
+
+def test_word_lookup_handles_case_punctuation_weights_and_multi_token_words(clip):
+    prompt = tok(clip, "a photo of a Cat, sitting (grimalkin:1.2)")
+    assert prompt.find(tokens.word_token_ids(clip, "cat"), "cat") == [5]
+    assert prompt.find(tokens.word_token_ids(clip, "CAT,"), "CAT,") == [5]
+    assert prompt.find(tokens.word_token_ids(clip, "grimalkin"), "grimalkin") == [8, 9, 10]
+    assert prompt.find_text("grimalkin") == [8, 9, 10]
+    assert prompt.find_text("a photo") == [1, 2]
+    with pytest.raises(tokens.PromptError, match="'dog' is not in the prompt.*a, photo, of, a, cat, ,, sitting"):
+        prompt.find(tokens.word_token_ids(clip, "dog"), "dog")
+
+
+def test_replacement_mapper_hand_computed(clip):
+    m = seq_align.replacement_mapper(tok(clip, "a photo of a cat"), tok(clip, "a photo of a grimalkin"))
+    expected = torch.zeros(77, 77)
+    for i in range(5):
+        expected[i, i] = 1  # SOT, a, photo, of, a
+    expected[5, 5:8] = 1 / 3  # cat -> gri mal kin: each target token gets 1/3 of "cat"
+    for k in range(69):
+        expected[6 + k, 8 + k] = 1  # EOT and padding stay aligned after the longer word
+    assert torch.equal(m, expected)
+
+
+def test_replacement_mapper_rejects_different_word_counts(clip):
+    with pytest.raises(tokens.PromptError, match="same number of words.*source 'a cat' has 2, target 'a big cat' has 3"):
+        seq_align.replacement_mapper(tok(clip, "a cat"), tok(clip, "a big cat"))
+
+
+def test_refinement_mapper_hand_computed(clip):
+    mapper, alphas = seq_align.refinement_mapper(tok(clip, "a photo of a cat"), tok(clip, "a photo of a fluffy cat"))
+    assert mapper[:8].tolist() == [0, 1, 2, 3, 4, 0, 5, 6]
+    assert alphas[:8].tolist() == [1, 1, 1, 1, 1, 0, 1, 1]
+    assert mapper[8:].tolist() == list(range(8, 77)) and bool(alphas[8:].eq(1).all())
+
+
+def test_global_align_prefers_insertion_over_substitution():
+    # a substituted token scores lower than two gaps, so "x" is treated as new and "b" is aligned, as the reference
+    assert seq_align.global_align([1, 2, 3], [1, 9, 3]) == [0, -1, 2]
+    assert seq_align.global_align([1, 2], [1, 2]) == [0, 1]
+
+
+def test_controller_reweight_and_per_word_windows(clip):
+    src, tgt = tok(clip, "a photo of a cat"), tok(clip, "a photo of a fluffy cat")
+    ctrl = p2p.build_controller(src, tgt, lambda w: tokens.word_token_ids(clip, w), "refine", 0.8, 0.4,
+                                reweight=[("fluffy", 2.0)], cross_words=[("cat", 0.4)])
+    assert ctrl.equalizer[5] == 2.0 and ctrl.equalizer.sum() == 78
+    assert ctrl.cross_windows[6].tolist() == [0.0, 0.4] and ctrl.cross_windows[5].tolist() == [0.0, 0.8]
+    # windows in steps follow the reference: int(f * (S + 1)) for cross, int(S * f) for self
+    alpha = p2p.token_alpha(20, 50, ctrl.cross_windows)
+    assert alpha[6] == 0 and alpha[5] == 1  # 20 >= int(0.4 * 51) = 20
+    assert p2p.self_window_steps((0.0, 0.4), 50) == (0, 20)
+    with pytest.raises(tokens.PromptError, match="reweight"):
+        p2p.build_controller(src, tgt, lambda w: tokens.word_token_ids(clip, w), "reweight", 0.8, 0.4,
+                             reweight=[("fluffy", 2.0)])
+
+
+def test_replace_refine_reweight_attention_edits():
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(2, 4, 77, generator=g).softmax(-1)
+    tgt = torch.rand(2, 4, 77, generator=g).softmax(-1)
+    assert torch.equal(p2p.replace_attention(src, torch.eye(77)), src)
+    mapper, alphas = torch.arange(77), torch.ones(77)
+    alphas[5] = 0
+    mapper[6] = 5
+    out = p2p.refine_attention(src, tgt, mapper, alphas)
+    assert torch.equal(out[..., 5], tgt[..., 5]) and torch.equal(out[..., 6], src[..., 5])
+    assert torch.equal(out[..., 7], src[..., 7])
+    # 154-token contexts (ComfyUI repeats the 77 tokens): the edit applies per 77-column block
+    wide = torch.cat([src, src], -1) / 2
+    assert torch.equal(p2p.blockwise(lambda a: p2p.replace_attention(a, torch.eye(77)), wide), wide)
+
+
+def test_local_blend_mask_hand_computed():
+    maps = torch.zeros(2, 16, 77)  # 4x4 grid
+    maps[0, 5, 3] = 1.0  # source word (token 3) peaks at cell (1, 1)
+    maps[1, 10, 4] = 1.0  # target word (token 4) peaks at cell (2, 2)
+    mask = p2p.local_blend_mask(maps, [[3], [4]], (8, 8), (4, 4), threshold=0.3, dilation=0)
+    assert mask.shape == (2, 1, 8, 8)
+    assert mask[0, 0].sum() == 4 and mask[0, 0, 2:4, 2:4].eq(1).all()  # one 4x4 cell -> 2x2 latent pixels
+    dilated = p2p.local_blend_mask(maps, [[3], []], (8, 8), (4, 4), threshold=0.3, dilation=1)
+    assert dilated[0, 0].sum() == 36 and dilated[1].sum() == 0  # 3x3 cells after max-pool; no words -> empty
