@@ -11,11 +11,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 import comfy_host  # noqa: E402
-
-HOST = comfy_host.boot()
-
 import tiny_models  # noqa: E402
 
+HOST = comfy_host.boot()
 HOST.register(tiny_models.TEST_NODES)
 
 
@@ -36,8 +34,9 @@ def tiny():
 
 def call_node(node_id: str, _function: str | None = None, **inputs):
     """Call a pack node's function in-process the way the executor does (under inference_mode); returns `result`."""
-    import nodes
     import torch
+
+    import nodes
 
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
     with torch.inference_mode():

@@ -164,6 +164,7 @@ def _prepare_comfy(comfy_path: str, temp_dir: str) -> None:
 def _load_nodes(custom_nodes_dir: str) -> ModuleType:
     """Load core extras and every pack in `custom_nodes_dir` with the host's own loader; return our pack module."""
     import folder_paths
+
     import nodes
 
     folder_paths.folder_names_and_paths["custom_nodes"] = ([custom_nodes_dir], set())

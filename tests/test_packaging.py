@@ -1,0 +1,133 @@
+"""The pack as ComfyUI and the registry see it: metadata, node schemas, and the architecture's import rules."""
+
+import ast
+import glob
+import os
+import re
+
+import tomllib
+from conftest import HOST
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATH_PACKAGES = {"attention": "hooks.py", "inversion": "comfy_model.py", "masks": "comfy_io.py"}
+HOST_MODULES = {"comfy", "nodes", "folder_paths", "server", "execution", "latent_preview", "comfy_extras",
+                "comfy_api", "node_helpers"}
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def package_files(*dirs):
+    files = []
+    for d in dirs:
+        files += glob.glob(os.path.join(ROOT, d, "**", "*.py"), recursive=True)
+    return sorted(files)
+
+
+def imported_modules(path):
+    tree = ast.parse(read(path), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_pyproject_metadata_and_requirements_in_step():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        meta = tomllib.load(f)
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    assert project["name"] == "attention-edit"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["license"] == {"file": "LICENSE"} and "GNU GENERAL PUBLIC LICENSE" in read(
+        os.path.join(ROOT, "LICENSE"))
+    assert project["requires-python"] and "Repository" in project["urls"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "Attention Edit" and comfy["Icon"]
+    reqs = [line.strip() for line in read(os.path.join(ROOT, "requirements.txt")).splitlines() if line.strip()
+            and not line.startswith("#")]
+    assert sorted(reqs) == sorted(project["dependencies"]) == ["segment-anything>=1.0"]
+    assert "ruff" in meta["tool"] and "pytest" in meta["tool"]
+
+
+def test_every_node_is_registered_with_a_valid_schema():
+    import nodes
+
+    mappings = HOST.pack.NODE_CLASS_MAPPINGS
+    assert {"AttnEditInvert", "AttnEditAttentionHook", "AttnEditEditSampler"} <= set(mappings)
+    for node_id, cls in mappings.items():
+        assert re.fullmatch(r"AttnEdit[A-Z][A-Za-z0-9]+", node_id)
+        assert nodes.NODE_CLASS_MAPPINGS[node_id] is cls
+        assert HOST.pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"}
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                assert isinstance(entry, tuple) and entry, (node_id, name)
+                assert len(entry) > 1 and entry[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert isinstance(cls.RETURN_TYPES, tuple) and callable(getattr(cls, cls.FUNCTION))
+        names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
+        assert len(names) == len(cls.RETURN_TYPES)
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), node_id
+        assert cls.CATEGORY.startswith("Attention Edit/") and len(cls.DESCRIPTION) > 40
+
+
+def test_math_packages_reach_comfyui_only_through_their_adapter():
+    offenders = []
+    for package, adapter in MATH_PACKAGES.items():
+        for path in package_files(package):
+            if os.path.basename(path) == adapter:
+                continue
+            bad = set(imported_modules(path)) & HOST_MODULES
+            if bad:
+                offenders.append(f"{os.path.relpath(path, ROOT)} imports {sorted(bad)}")
+    assert not offenders, offenders
+
+
+def test_no_module_level_assignment_into_comfy_or_torch():
+    """Patches go through ModelPatcher registries on clones only: nothing writes attributes of comfy.* / torch.*."""
+    offenders = []
+    for path in package_files("attention", "inversion", "masks", "nodes") + [os.path.join(ROOT, "__init__.py")]:
+        tree = ast.parse(read(path), path)
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AugAssign | ast.AnnAssign) else []
+            for target in targets:
+                root = target
+                while isinstance(root, ast.Attribute | ast.Subscript):
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id in {"comfy", "torch", "nodes", "folder_paths"} and \
+                        target is not root:
+                    offenders.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+        for call in [n for n in ast.walk(tree) if isinstance(n, ast.Call)]:
+            if isinstance(call.func, ast.Name) and call.func.id == "setattr" and call.args and \
+                    isinstance(call.args[0], ast.Attribute | ast.Name) and ast.unparse(call.args[0]).split(".")[0] \
+                    in {"comfy", "torch"}:
+                offenders.append(f"{os.path.relpath(path, ROOT)}:{call.lineno} setattr")
+    assert not offenders, offenders
+
+
+def test_package_code_logs_instead_of_printing_and_loads_weights_safely():
+    for path in package_files("attention", "inversion", "masks", "nodes"):
+        text = read(path)
+        assert not re.search(r"^\s*print\(", text, re.M), path
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in m.group(1), path
+        assert not re.search(r"(?<![.\w])(eval|exec)\(", text), path
+        assert "pip install" not in text or "install hint" in text or "pip install segment-anything" in text, path
+
+
+def test_import_does_no_work():
+    """__init__ only exports the node tables (no tensors, files or models at import time)."""
+    tree = ast.parse(read(os.path.join(ROOT, "__init__.py")))
+    kinds = {type(n).__name__ for n in tree.body}
+    assert kinds <= {"Expr", "ImportFrom", "Assign"}
+
+
+def test_ruff_is_clean():
+    import subprocess
+
+    result = subprocess.run([os.path.join(ROOT, ".venv", "bin", "ruff"), "check", ROOT], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
