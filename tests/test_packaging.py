@@ -4,6 +4,7 @@ import ast
 import glob
 import os
 import re
+import sys
 
 import tomllib
 from conftest import HOST
@@ -128,6 +129,6 @@ def test_import_does_no_work():
 def test_ruff_is_clean():
     import subprocess
 
-    result = subprocess.run([os.path.join(ROOT, ".venv", "bin", "ruff"), "check", ROOT], capture_output=True,
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ruff"), "check", ROOT], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-3000:]
