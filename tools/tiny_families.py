@@ -1,0 +1,191 @@
+"""Tiny SDXL- and SD2.x-shaped models from ComfyUI's own classes (test tooling, like tiny_models.py for SD1.x).
+
+- SDXL: comfy.model_base.SDXL (adm / size conditioning), 3 levels with transformer depths 2 and 3 (the real model has
+  2 and 10), linear in/out projections, two text encoders (clip_l and clip_g, the real SDXL tokenizers) whose
+  hidden states are concatenated, pooled output from clip_g.
+- SD2.x: v-prediction BaseModel with an OpenCLIP-style "h" encoder (pad token 0, penultimate layer).
+Pictures are noise; these exist to run the family-specific code paths on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+
+import torch
+from tiny_models import TINY_CLIP_CONFIG, init_weights
+
+L_DIM, G_DIM, H_DIM = 32, 32, 32
+
+
+def _config_file(name: str, **overrides) -> str:
+    path = os.path.join(tempfile.gettempdir(), f"attnedit_tiny_{name}_{os.getpid()}.json")
+    overrides.setdefault("num_hidden_layers", 3)  # the penultimate layer (layer_idx -2) must exist
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump({**TINY_CLIP_CONFIG, **overrides}, f)
+    return path
+
+
+def _clip_kwargs(cls, **kwargs) -> dict:
+    """Only the keyword arguments this host's constructor accepts (the hosts differ in model_options etc.)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def _sdxl_classes():
+    import comfy.model_base
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+        """SDXLClipModel (l + g, concatenated hidden states, g pooled) with tiny encoders."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            torch.nn.Module.__init__(self)
+            sd_clip = comfy.sd1_clip.SDClipModel
+            common = dict(device=device, dtype=dtype, layer="hidden", layer_idx=-2, layer_norm_hidden_state=False,
+                          model_options=model_options or {})
+            self.clip_l = sd_clip(**_clip_kwargs(sd_clip, textmodel_json_config=_config_file("l", hidden_size=L_DIM,
+                                                                                            projection_dim=L_DIM),
+                                                 **common))
+            self.clip_g = sd_clip(**_clip_kwargs(sd_clip, textmodel_json_config=_config_file(
+                "g", hidden_size=G_DIM, projection_dim=G_DIM), special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                return_projected_pooled=True, **common))
+            self.dtypes = {dtype}
+
+    class TinySDXL(comfy.supported_models.SDXL):
+        unet_config = {"model_channels": 32, "use_linear_in_transformer": True, "context_dim": L_DIM + G_DIM,
+                       "adm_in_channels": G_DIM + 6 * 256, "use_temporal_attention": False}
+        unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+
+        def clip_target(self, state_dict=None):
+            return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+
+    return TinySDXL, comfy.model_base.SDXL
+
+
+TINY_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": G_DIM + 6 * 256, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 3, 3], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 3, "use_linear_in_transformer": True, "context_dim": L_DIM + G_DIM,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 3, 3, 3], "use_temporal_attention": False,
+    "use_temporal_resblock": False, "num_heads": -1, "num_head_channels": 16,
+}
+TINY_SD2_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True, "context_dim": H_DIM, "num_heads": -1, "num_head_channels": 16,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def _sd2_classes():
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    try:
+        from comfy.text_encoders import sd2_clip
+    except ImportError:  # the 2024 host keeps it at comfy/sd2_clip.py
+        from comfy import sd2_clip
+
+    class TinySD2ClipModel(comfy.sd1_clip.SD1ClipModel):
+        """SD2ClipModel ("h", OpenCLIP special tokens, penultimate layer) with a tiny encoder."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            sd_clip = comfy.sd1_clip.SDClipModel
+            extra = _clip_kwargs(sd_clip, textmodel_json_config=_config_file("h", hidden_size=H_DIM,
+                                                                              projection_dim=H_DIM),
+                                 layer="hidden", layer_idx=-2, special_tokens={"start": 49406, "end": 49407, "pad": 0})
+            # the current host passes model_options on to the encoder itself; the 2024 host has none
+            outer = _clip_kwargs(comfy.sd1_clip.SD1ClipModel, model_options=model_options or {})
+            super().__init__(device=device, dtype=dtype, clip_name="h", clip_model=sd_clip, **outer, **extra)
+
+    class TinySD2V(comfy.supported_models.SD20):
+        unet_config = {"context_dim": H_DIM, "model_channels": 32, "use_linear_in_transformer": True,
+                       "adm_in_channels": None, "use_temporal_attention": False}
+        unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+
+        def clip_target(self, state_dict=None):
+            return comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, TinySD2ClipModel)
+
+    return TinySD2V
+
+
+def make_sdxl(seed: int = 0):
+    """(MODEL, CLIP) of a tiny SDXL-shaped model (eps prediction)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    config_cls, model_cls = _sdxl_classes()
+    cfg = config_cls(dict(TINY_SDXL_UNET))
+    with torch.inference_mode():
+        model = model_cls(cfg, device=mm.unet_offload_device())
+        init_weights(model, seed)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(cfg.clip_target())
+        init_weights(clip.cond_stage_model, seed + 1)
+    return patcher, clip
+
+
+def make_sd2v(seed: int = 0):
+    """(MODEL, CLIP) of a tiny SD2.x-shaped v-prediction model."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    cfg = _sd2_classes()(dict(TINY_SD2_UNET))
+    with torch.inference_mode():
+        model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION,
+                                           device=mm.unet_offload_device())
+        init_weights(model, seed)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(cfg.clip_target())
+        init_weights(clip.cond_stage_model, seed + 1)
+    return patcher, clip
+
+
+class ConstantEpsUNet:
+    """Stand-in UNet forward whose raw output makes the host's parameterisation (eps or v) imply noise == eps.
+
+    Installed with ModelPatcher.add_object_patch("diffusion_model.forward", ...) (the UNet's blocks stay, so attention
+    sites are still discovered), and the host's own calculate_input / calculate_denoised (including v-prediction) run
+    unchanged: a round trip is exact only if our maths is right for the model's parameterisation.
+    """
+
+    def __init__(self, eps: torch.Tensor, model_sampling, v_prediction: bool):
+        self.eps, self.sampling, self.v = eps, model_sampling, v_prediction
+
+    def __call__(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
+        eps = self.eps.to(x).expand_as(x)
+        if not self.v:
+            return eps
+        sigma = self.sampling.sigma(timesteps).to(x).view(-1, 1, 1, 1)
+        # v = alpha * eps - sigma_vp * x0 with x_vp = alpha * x0 + sigma_vp * eps (Salimans & Ho 2022, Eq. 10)
+        alpha, sigma_vp = 1 / (1 + sigma**2).sqrt(), sigma / (1 + sigma**2).sqrt()
+        x0 = (x - sigma_vp * eps) / alpha
+        return alpha * eps - sigma_vp * x0
+
+
+def constant_eps_patch(model, eps: torch.Tensor):
+    """A clone of `model` whose UNet forward is ConstantEpsUNet (host parameterisation kept)."""
+    import comfy.model_base
+
+    m = model.clone()
+    v = model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    m.add_object_patch("diffusion_model.forward", ConstantEpsUNet(eps, model.model.model_sampling, v))
+    return m
