@@ -107,7 +107,9 @@ def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None
     for site in sites:
         for name, fn, setter in (("attn1", attn1_dispatch, model_patcher.set_model_attn1_replace),
                                  ("attn2", attn2_dispatch, model_patcher.set_model_attn2_replace)):
-            current = replace.get(name, {}).get(site.key)
+            # ComfyUI looks up (block, index, depth) first, then (block, index): a foreign patch on either must win
+            existing = replace.get(name, {})
+            current = existing.get(site.key) or existing.get(site.key[:2])
             if current is not None and not getattr(current, keys.DISPATCH_MARK, False):
                 log.warning("Attention Edit: %s %s already patched by another node; leaving it alone", name, site.key)
                 continue
