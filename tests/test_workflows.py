@@ -72,3 +72,25 @@ def test_runner_bad_arguments_are_one_line_errors(argv, message, tmp_path, capsy
     assert run_workflow.main(argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_changing_only_the_edit_does_not_invert_again(tmp_path):
+    """ComfyUI's cache keeps the inversion when only the hook's target prompt changes."""
+    with open(os.path.join(os.path.dirname(WORKFLOWS[0]), "02_nulltext_word_swap.json")) as f:
+        prompt = workflow_api.ui_to_api(json.load(f), node_defs())
+    run_workflow.stage_image(prompt, None, smoke=True)
+    run_workflow.resolve_checkpoints(prompt, None)
+    tiny_models.cap_for_smoke(prompt)
+    invert_id = next(k for k, n in prompt.items() if n["class_type"] == "AttnEditInvert")
+    hook_id = next(k for k, n in prompt.items() if n["class_type"] == "AttnEditAttentionHook")
+    executor = HOST.new_executor()
+    assert HOST.run(prompt, executor).success
+    prompt[hook_id]["inputs"]["target_prompt"] = "a photo of a dog sitting on a sofa"
+    prompt[hook_id]["inputs"]["local_blend"] = "cat, dog"
+    for node in prompt.values():
+        if node["class_type"] == "AttnEditAttentionPreview":
+            node["inputs"]["words"] = "dog, sofa"
+    second = HOST.run(prompt, executor)
+    assert second.success, second.error_message
+    cached = next(data["nodes"] for event, data in second.messages if event == "execution_cached")
+    assert invert_id in cached and hook_id not in cached
