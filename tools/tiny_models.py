@@ -194,7 +194,17 @@ class AttnEditTestTinyCheckpoint:
     CATEGORY = "Attention Edit/testing"
 
     def load(self, ckpt_name, seed=0):
-        return (make_model(seed), make_clip(seed + 1), make_vae(seed + 2))
+        """The family follows the placeholder's name: "xl" -> tiny SDXL, "v2"/"768-v" -> tiny SD2 v-pred, else SD1."""
+        import tiny_families
+
+        name = str(ckpt_name).lower()
+        if "xl" in name:
+            model, clip = tiny_families.make_sdxl(seed)
+        elif "v2" in name or "768-v" in name or "sd2" in name:
+            model, clip = tiny_families.make_sd2v(seed)
+        else:
+            model, clip = make_model(seed), make_clip(seed + 1)
+        return (model, clip, make_vae(seed + 2))
 
 
 TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
@@ -204,7 +214,7 @@ TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
 # cores but ~0.05 s at 16x16, so images are staged at SMOKE_IMAGE_SIZE and iteration knobs are capped. Technique
 # nodes add their expensive knobs here (input name -> cap).
 SMOKE_IMAGE_SIZE = 128
-SMOKE_CAPS = {"steps": 8, "inner_steps": 2}
+SMOKE_CAPS = {"steps": 8, "inner_steps": 2, "width": SMOKE_IMAGE_SIZE, "height": SMOKE_IMAGE_SIZE}
 
 
 def cap_for_smoke(prompt: dict) -> list[str]:
