@@ -121,7 +121,9 @@ def estimate_background(self_attention: torch.Tensor, noun_maps: torch.Tensor, c
         clusters: V, number of k-means segments (5).
         threshold: TH; a segment is background when its agreement score is <= TH for every noun (0.2).
         seed: k-means seed (1); `inits` k-means restarts (10), the lowest inertia wins.
-        grid: (h, w) of the self-attention queries; default square (sqrt(N) x sqrt(N)).
+        grid: (h, w) of the self-attention queries; default square (sqrt(N) x sqrt(N)). From an AttentionStore:
+            `attention.layers.semantic_grid(store.latent_hw, 2)`; the noun maps from it:
+            `attention.dpl.noun_maps(store.cross[4][row], token_positions_per_noun)`.
 
     Returns:
         float [h, w] mask with values in {0, 1} on the self-attention grid, 1 = background, on the input's device.
@@ -150,10 +152,9 @@ def estimate_background(self_attention: torch.Tensor, noun_maps: torch.Tensor, c
     if h * w != n:
         raise ValueError(f"grid {h}x{w} does not match the {n} self-attention queries")
     labels = kmeans(torch.nan_to_num(sa), clusters, seed, inits)
-    k = int(labels.max()) + 1
     if noun_maps.shape[0] == 0:
         return torch.ones(h, w, device=sa.device)
     maps = F.interpolate(noun_maps.float()[:, None].to(sa.device), size=(h, w), mode="nearest")[:, 0]
-    scores = agreement_scores(labels, normalise_noun_maps(torch.nan_to_num(maps)).flatten(1), max(k, clusters))
+    scores = agreement_scores(labels, normalise_noun_maps(torch.nan_to_num(maps)).flatten(1), max(1, int(clusters)))
     background_cluster = (scores <= threshold).all(0)  # [V]
     return background_cluster[labels].float().view(h, w)

@@ -29,7 +29,8 @@ class AttnEditDynamicPromptLearn:
         "every step also learns the token embeddings of the listed nouns so that each noun's cross-attention stays "
         "on its own object (not on the other objects, not on the background). Use it for photos with several "
         "objects where a Prompt-to-Prompt edit of one object leaks into another. Connect the inversion to Attention "
-        "Edit Sampler (with the Prompt-to-Prompt Attention Hook as usual). Slow: about 20-30 UNet passes per step.")
+        "Edit Sampler (with the Prompt-to-Prompt Attention Hook as usual). Slower than null-text: up to "
+        "token_iterations + null_text_iterations UNet forward+backward passes per step.")
     CATEGORY = CAT_INVERSION
     FUNCTION = "invert"
     RETURN_TYPES = (INVERSION, ATTN_STORE, "MASK", "LATENT", "FLOAT")
