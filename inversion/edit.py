@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .conditioning import repeat_tokens
 from .ddim import ddim_step
 
 
@@ -91,7 +92,8 @@ def step_context(source: SourceBranch, step: int, roles: Sequence[str], target_c
     if source.cond is not None:
         if target_context is None:
             raise ValueError("per-step source tokens need the target context of the other rows")
-        rows = [source.cond[step] if r == "source" else target_context[i] for i, r in enumerate(roles)]
+        learned = repeat_tokens(source.cond[step].unsqueeze(0), target_context.shape[1])[0]  # lcm-padded batch
+        rows = [learned if r == "source" else target_context[i] for i, r in enumerate(roles)]
         context[0] = torch.stack(rows)
     return context
 

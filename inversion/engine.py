@@ -41,6 +41,15 @@ def _ddim_pass(model, source, negative, latent, sigmas, capture, progress) -> tu
     return latents[:, 0], box["captured"]
 
 
+def ddim_inversion(model, source: list, negative: list, latent: torch.Tensor, sigmas: torch.Tensor,
+                   capture: CaptureSpec | None = None,
+                   progress: Callable[[int, torch.Tensor | None], None] = lambda n, x0: None
+                   ) -> tuple[torch.Tensor, RunState]:
+    """DDIM inversion of ONE image only (conditional, guidance 1): latents [S+1, C, h, w] (model space) and a
+    RunState copy holding the maps `capture` asked for. For techniques that run their own second pass (DPL)."""
+    return _ddim_pass(model, source, negative, latent, sigmas, capture or CaptureSpec(), progress)
+
+
 def _sample_back(model, source, negative, latent, sigmas, cfg, x_T, progress, context=None) -> torch.Tensor:
     """Reconstruct by plain CFG DDIM sampling from x_T (optionally with a fixed context override)."""
     run = RunState(sigmas, ("source",))

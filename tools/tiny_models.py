@@ -214,7 +214,8 @@ TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
 # cores but ~0.05 s at 16x16, so images are staged at SMOKE_IMAGE_SIZE and iteration knobs are capped. Technique
 # nodes add their expensive knobs here (input name -> cap).
 SMOKE_IMAGE_SIZE = 128
-SMOKE_CAPS = {"steps": 8, "inner_steps": 2, "width": SMOKE_IMAGE_SIZE, "height": SMOKE_IMAGE_SIZE}
+SMOKE_CAPS = {"steps": 8, "inner_steps": 2, "width": SMOKE_IMAGE_SIZE, "height": SMOKE_IMAGE_SIZE,
+              "token_iterations": 2, "null_text_iterations": 2}
 
 
 def cap_for_smoke(prompt: dict) -> list[str]:

@@ -1,0 +1,230 @@
+"""Dynamic Prompt Learning inversion (Wang et al., "Dynamic Prompt Learning: Addressing Cross-Attention Leakage for
+Text-Based Image Editing", NeurIPS 2023, Alg. 1). Orchestration only: the losses live in attention/dpl.py, the
+background estimate in masks/background.py, the learnable text rows in inversion/dpl_text.py, null-text in
+inversion/null_text.py; the model is reached through inversion/comfy_model.py.
+
+Alg. 1 per image: DDIM inversion with the source prompt (guidance 1) gives z*_0..z*_T and, unless a mask is given,
+the background B (Sec. 3.3). Then for t = T..1 on the reconstructed latent z_bar_t: optimise the noun token rows V_t
+with L (Eq. 9) until every loss is under its threshold (Eq. 10) or the iteration budget is spent (lines 9-14), encode
+C_t (line 15), optimise the null text for this step (lines 16-17, Mokady et al. 2023), and warm-start V_{t-1}, ∅_{t-1}
+from V_t, ∅_t (line 18).
+
+Differences from the paper / official code (all documented in docs/dpl.md):
+- null-text part: at most `NULL_TEXT_ITERATIONS` (10) Adam iterations with the null-text paper's early stop, warm
+  started from the previous step (Alg. 1, line 18). The official DPL code runs 51 iterations without early stop and
+  re-initialises ∅ from the empty prompt at every step; 10 + early stop is the null-text reference setting and keeps a
+  512 px image within about a minute on one GPU.
+- The optimiser (AdamW, lr 1e-3, weight decay 0.01) is re-created at every step as in the code, over the noun rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import dpl as losses_mod
+from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL, semantic_grid
+from ..attention.run import COND, UNCOND, CaptureSpec, RunState
+from ..masks.background import BACKGROUND_CLUSTERS, BACKGROUND_THRESHOLD, estimate_background
+from ..masks.ops import mask_to_grid
+from . import comfy_model, engine, null_text
+from .conditioning import context_of
+from .dpl_text import RowEncoder
+
+TOKEN_ITERATIONS = 21  # at most 21 token updates per step (official DPL.sh: ATTN_STEP=21)
+TOKEN_LR = 1e-3  # AdamW learning rate (official code: torch default)
+TOKEN_WEIGHT_DECAY = 1e-2  # AdamW weight decay (official code: torch default)
+NULL_TEXT_ITERATIONS = null_text.NULL_TEXT_INNER_STEPS  # see the module docstring (official DPL code: 51, no stop)
+
+Progress = Callable[[int, torch.Tensor | None], None]
+
+
+@dataclass(frozen=True)
+class DPLSettings:
+    """Knobs of one DPL inversion (defaults = paper / official code, see the constants)."""
+
+    weights: losses_mod.Weights = losses_mod.Weights()
+    token_iterations: int = TOKEN_ITERATIONS
+    learning_rate: float = TOKEN_LR
+    weight_decay: float = TOKEN_WEIGHT_DECAY
+    null_text_iterations: int = NULL_TEXT_ITERATIONS
+    background_clusters: int = BACKGROUND_CLUSTERS
+    background_threshold: float = BACKGROUND_THRESHOLD
+    level: int = SEMANTIC_LEVEL
+
+    def units_per_step(self) -> int:
+        return self.token_iterations + self.null_text_iterations
+
+
+@dataclass
+class StepLog:
+    """What the token optimisation did at one step: updates made, losses (at, dj, bg) first and last seen."""
+
+    step: int
+    iterations: int
+    first: tuple[float, float, float]
+    last: tuple[float, float, float]
+    thresholds: losses_mod.Thresholds
+
+
+@dataclass
+class DPLInversion:
+    """DPL inversion of one image. latents [S+1, C, h, w] model space; cond / uncond [S, T, E] per-step contexts."""
+
+    latents: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    reconstruction: torch.Tensor  # [C, h, w] what the source branch regenerates
+    background: torch.Tensor  # [h4, w4] {0, 1} mask used by L_bg (semantic grid)
+    estimated_background: torch.Tensor | None  # [h2, w2] Sec. 3.3 estimate when no mask was given
+    cross: torch.Tensor  # [h4, w4, T] source maps the losses saw (last evaluation of each step), mean over steps
+    ddim_run: RunState  # captured maps of the DDIM inversion pass
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # {token key: [S, P, E]} learned rows per step
+    logs: list[StepLog] = field(default_factory=list)
+    null_text_iterations: int = 0
+
+
+def check_nouns(nouns: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Token positions of each noun; at least one noun, no position shared by two nouns."""
+    nouns = [sorted(set(int(p) for p in pos)) for pos in nouns]
+    if not nouns or not all(nouns):
+        raise ValueError("`nouns` is empty: give at least one word of the source prompt to learn (e.g. \"cat, dog\")")
+    flat = [p for pos in nouns for p in pos]
+    if len(flat) != len(set(flat)):
+        raise ValueError("two of the `nouns` share tokens of the prompt; list every word once")
+    return nouns
+
+
+def background_on_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A [H, W] mask (any size, 1 = background) as the {0, 1} mask B [h, w] of Eq. 7 (>= 0.5 cell coverage)."""
+    return mask_to_grid(mask.float()[None], grid, binary=True)[0, 0]
+
+
+def estimate_from_run(run: RunState, nouns: Sequence[Sequence[int]], settings: DPLSettings) -> torch.Tensor:
+    """Sec. 3.3 background [h2, w2] from a DDIM pass that captured level-2 self- and semantic-level cross-attention."""
+    self_map = run.mean_map("self", SELF_LEVEL_DPL)
+    cross = run.mean_map("cross", settings.level)
+    if self_map is None or cross is None:
+        raise ValueError("the image is too small for the background estimate (no 2x / 4x down-sampled attention "
+                         "layers); connect a `background` MASK instead")
+    h, w = run.grids[("cross", settings.level)]
+    maps = losses_mod.noun_maps(cross[0].view(h, w, -1), nouns)
+    return estimate_background(self_map[0], maps, settings.background_clusters, settings.background_threshold,
+                               grid=run.grids[("self", SELF_LEVEL_DPL)])
+
+
+def _evaluate(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
+              nouns: list[list[int]], background: torch.Tensor | None, settings: DPLSettings):
+    """One conditional-only forward with the current rows; returns (losses (Eq. 9), maps A [h, w, T] detached)."""
+    cond = encoder.encode(rows)
+    run.capture = CaptureSpec(cross_levels=frozenset({settings.level}), labels=frozenset({COND}), live=True,
+                              accumulate=False)
+    try:
+        den(x_bar, sigma, context={COND: cond}, labels=frozenset({COND}))
+        live = [m for m in run.live if m.kind == "cross" and m.site.level == settings.level]
+        probs, grid = [m.probs for m in live], (live[0].grid if live else (0, 0))
+    finally:
+        run.capture = None
+        run.live.clear()
+    maps = losses_mod.mean_cross_map(probs, grid)
+    return losses_mod.dpl_losses(maps, nouns, background, settings.weights), maps.detach()
+
+
+def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
+                    step: int, steps: int, nouns: list[list[int]], background: torch.Tensor | None,
+                    settings: DPLSettings, on_iteration: Callable[[], None]):
+    """Alg. 1 lines 9-14 at one step: update the noun rows with AdamW on L (Eq. 9) until every loss is under its
+    threshold (Eq. 10) or `token_iterations` evaluations were made (as the code: evaluate, test, then update).
+
+    Returns (rows, StepLog, maps A [h, w, T] of the last evaluation).
+    """
+    th = losses_mod.thresholds(step, steps)
+    params = {k: v.detach().clone().float().requires_grad_(True) for k, v in rows.items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    first = last = (0.0, 0.0, 0.0)
+    updates, maps = 0, None
+    for j in range(settings.token_iterations):
+        losses, maps = _evaluate(den, run, encoder, params, x_bar, sigma, nouns, background, settings)
+        last = losses.values()
+        first = last if j == 0 else first
+        if losses.below(th) or not losses.total.requires_grad:
+            break
+        opt.zero_grad(set_to_none=True)
+        losses.total.backward()
+        opt.step()
+        updates += 1
+        on_iteration()
+    return {k: v.detach() for k, v in params.items()}, StepLog(step, updates, first, last, th), maps
+
+
+def _dpl_pass(model, encoder: RowEncoder, source, negative, latent, sigmas, cfg, latents, nouns, background,
+              settings: DPLSettings, progress: Progress):
+    run = RunState(sigmas, ("source",))
+    uncond0 = context_of(negative, "negative")
+    steps = len(sigmas) - 1
+
+    def algorithm(den, x):
+        comfy_model.make_autograd_safe(encoder.clip.cond_stage_model)
+        lat = latents.to(x).clone()  # normal (non-inference) tensors: autograd saves the targets
+        x_bar, uncond = lat[0].unsqueeze(0), uncond0.to(x.device).float()
+        rows = encoder.initial_rows(x.device)
+        bg = None if background is None else background.to(x.device)
+        conds, unconds, logs, maps_sum, nt_iters, history = [], [], [], None, 0, []
+        for i in range(steps):
+            run.step = i
+            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+            if settings.token_iterations > 0:
+                rows, log, maps = optimise_tokens(den, run, encoder, rows, x_bar, sigma, i, steps, nouns, bg,
+                                                  settings, lambda: progress(1, None))
+                progress(settings.token_iterations - log.iterations, None)
+                logs.append(log)
+                maps_sum = maps if maps_sum is None else maps_sum + maps
+            with torch.no_grad():  # Alg. 1 line 15: C_t with the learned rows; its prediction is fixed for the step
+                cond = encoder.encode(rows).to(x)
+                den(x_bar, sigma, context={COND: cond}, labels=frozenset({COND}))
+                cond_out = den.outputs(COND).detach()
+
+            def predict(u, x_bar=x_bar, sigma=sigma, cond_out=cond_out):
+                return den(x_bar, sigma, context={UNCOND: u}, labels=frozenset({UNCOND}), fill={COND: cond_out})
+
+            result = null_text.optimize_step(predict, x_bar, lat[i + 1].unsqueeze(0), uncond, sigma, sigma_next, i,
+                                             settings.null_text_iterations, on_iteration=lambda it: progress(1, None))
+            progress(settings.null_text_iterations - result.iterations, None)
+            uncond, x_bar = result.uncond, result.x_next
+            conds.append(cond[0].detach())
+            history.append(rows)
+            unconds.append(uncond[0])
+            nt_iters += result.iterations
+        cross = None if maps_sum is None else maps_sum / len(logs)
+        learned = {k: torch.stack([r[k] for r in history]) for k in rows}
+        return torch.stack(conds), torch.stack(unconds), x_bar[0], cross, logs, nt_iters, learned
+
+    return comfy_model.run_sampler(model, source, negative, latent, sigmas, cfg, algorithm, run, grad=True)
+
+
+def dpl_invert(model, encoder: RowEncoder, source: list, negative: list, latent: torch.Tensor, sigmas: torch.Tensor,
+               cfg: float, nouns: Sequence[Sequence[int]], background: torch.Tensor | None = None,
+               settings: DPLSettings = DPLSettings(), progress: Progress = lambda n, x0: None) -> DPLInversion:
+    """Invert ONE image (raw latent [1, C, h, w]) with Dynamic Prompt Learning (Alg. 1).
+
+    nouns: token positions of each noun of the source prompt (all tokens of a multi-token word). background: a
+    [H, W] mask in the image frame (1 = background) or None to estimate it (Sec. 3.3) from the DDIM pass.
+    """
+    nouns = check_nouns(nouns)
+    self_levels = frozenset({SELF_LEVEL_DPL}) if background is None else frozenset()
+    capture = CaptureSpec(cross_levels=frozenset({settings.level}), self_levels=self_levels)
+    latents, ddim_run = engine.ddim_inversion(model, source, negative, latent, sigmas, capture, progress)
+    grid = semantic_grid(tuple(latent.shape[-2:]), settings.level)
+    estimated = None
+    if background is None:
+        estimated = estimate_from_run(ddim_run, nouns, settings)
+        background = estimated
+    bg = background_on_grid(background, grid)
+    comfy_model.check_interrupt()
+    cond, uncond, recon, cross, logs, iters, rows = _dpl_pass(model, encoder, source, negative, latent, sigmas, cfg,
+                                                        latents, nouns, bg, settings, progress)
+    if cross is None:  # no token optimisation: report the inversion's maps
+        cross = ddim_run.mean_map("cross", settings.level)[0].view(*grid, -1)
+    return DPLInversion(latents, cond, uncond, recon, bg, estimated, cross, ddim_run, rows, logs, iters)

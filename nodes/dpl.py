@@ -1,0 +1,202 @@
+"""AttnEditDynamicPromptLearn: Dynamic Prompt Learning inversion (schema and plumbing only)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention import dpl as dpl_losses
+from ..attention.store import AttentionStore, merge_stores, store_from_run
+from ..attention.tokens import split_words, tokenize_prompt, word_positions
+from ..inversion import comfy_model, dpl
+from ..inversion.dpl_text import RowEncoder, load
+from ..inversion.schedule import ddim_sigmas
+from ..inversion.trajectory import InversionTrajectory
+from ..masks.background import BACKGROUND_THRESHOLD
+from ..masks.ops import as_mask_batch, aspect_mismatch, grid_to_image
+from .common import AttnEditError, crop_to_multiple, wrap_errors
+from .inversion import _measure
+from .types import ATTN_STORE, CAT_INVERSION, INVERSION
+
+log = logging.getLogger("attention_edit")
+NODE = "Dynamic Prompt Learning"
+
+
+class AttnEditDynamicPromptLearn:
+    DESCRIPTION = (
+        "Dynamic Prompt Learning (Wang et al., NeurIPS 2023): inverts a real image like null-text inversion, and at "
+        "every step also learns the token embeddings of the listed nouns so that each noun's cross-attention stays "
+        "on its own object (not on the other objects, not on the background). Use it for photos with several "
+        "objects where a Prompt-to-Prompt edit of one object leaks into another. Connect the inversion to Attention "
+        "Edit Sampler (with the Prompt-to-Prompt Attention Hook as usual). Slower than null-text: up to "
+        "token_iterations + null_text_iterations UNet forward+backward passes per step.")
+    CATEGORY = CAT_INVERSION
+    FUNCTION = "invert"
+    RETURN_TYPES = (INVERSION, ATTN_STORE, "MASK", "LATENT", "FLOAT")
+    RETURN_NAMES = ("inversion", "attention", "background", "reconstruction", "psnr")
+    OUTPUT_TOOLTIPS = (
+        "The inversion with the per-step learned noun tokens and null-text embeddings: connect to Attention Edit "
+        "Sampler.",
+        "Source cross-attention with the learned tokens (what the losses saw, averaged over steps), plus the 32x32 "
+        "self-attention when the background was estimated. View it with Attention Heat Maps.",
+        "The background mask used by the background-leakage loss (1 = background), at image size.",
+        "What the source branch regenerates (decode it to judge the inversion).",
+        "Reconstruction PSNR in dB of the decoded reconstruction vs the input (mean over the batch); -1 without VAE.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        weights = dpl_losses.Weights()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SD1.x / SD2.x / SDXL model you will edit with (same checkpoint)."}),
+                "clip": ("CLIP", {"tooltip": "Text encoder of the same checkpoint (the noun tokens are learned "
+                                             "through it)."}),
+                "source_prompt": ("STRING", {"multiline": True, "default": "a cat and a dog",
+                                             "tooltip": "A caption of the input image naming its objects. Words you "
+                                                        "will edit must appear in it."}),
+                "nouns": ("STRING", {"default": "cat, dog",
+                                     "tooltip": "Comma-separated words of the source prompt whose tokens are learned "
+                                                "(the objects, e.g. \"cat, dog\"). Words of several tokens are "
+                                                "learned as a whole."}),
+                "steps": ("INT", {"default": 50, "min": 2, "max": 500,
+                                  "tooltip": "DDIM steps of inversion and editing (50 in the paper)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Guidance scale used when editing; null-text optimises for it."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "The image to edit (needs `vae`). Sizes are cropped to multiples of 8."}),
+                "vae": ("VAE", {"tooltip": "Encodes `image` and decodes the reconstruction for the PSNR."}),
+                "latent": ("LATENT", {"tooltip": "Alternatively, an already encoded image (instead of `image`)."}),
+                "background": ("MASK", {"tooltip": "Optional background mask (1 = background). Unconnected: "
+                                                   "estimated from the inversion's self-attention (paper Sec. 3.3)."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "Unconditional prompt (the null text). Keep empty for the "
+                                                          "paper's setting."}),
+                "token_iterations": ("INT", {"default": dpl.TOKEN_ITERATIONS, "min": 0, "max": 200,
+                                             "tooltip": "Max token updates per step (21 in the paper); each step "
+                                                        "stops earlier once every loss is under its threshold. 0 = "
+                                                        "plain null-text inversion."}),
+                "null_text_iterations": ("INT", {"default": dpl.NULL_TEXT_ITERATIONS, "min": 1, "max": 100,
+                                                 "tooltip": "Max null-text Adam iterations per step (early stop at "
+                                                            "loss < 1e-5 + i*2e-5)."}),
+                "learning_rate": ("FLOAT", {"default": dpl.TOKEN_LR, "min": 1e-5, "max": 1.0, "step": 1e-4,
+                                            "tooltip": "AdamW learning rate of the noun tokens (1e-3 in the paper)."}),
+                "lambda_attention": ("FLOAT", {"default": weights.at, "min": 0.0, "max": 10.0, "step": 0.01,
+                                               "tooltip": "Weight of the attention balancing loss (each noun gets a "
+                                                          "strong peak). 1.0 in the paper."}),
+                "lambda_disjoint": ("FLOAT", {"default": weights.dj, "min": 0.0, "max": 10.0, "step": 0.01,
+                                              "tooltip": "Weight of the disjoint loss (nouns' maps must not "
+                                                         "overlap; needs two nouns). 0.05 in the paper."}),
+                "lambda_background": ("FLOAT", {"default": weights.bg, "min": 0.0, "max": 10.0, "step": 0.01,
+                                                "tooltip": "Weight of the background leakage loss (nouns must not "
+                                                           "attend to the background). 0.05 in the paper."}),
+                "background_threshold": ("FLOAT", {"default": BACKGROUND_THRESHOLD, "min": 0.0, "max": 1.0,
+                                                   "step": 0.01,
+                                                   "tooltip": "Background estimate: a self-attention segment is "
+                                                              "background when no noun scores above this (0.2)."}),
+            },
+        }
+
+    def invert(self, model, clip, source_prompt, nouns, steps, cfg, image=None, vae=None, latent=None,
+               background=None, negative_prompt="", token_iterations=dpl.TOKEN_ITERATIONS,
+               null_text_iterations=dpl.NULL_TEXT_ITERATIONS, learning_rate=dpl.TOKEN_LR,
+               lambda_attention=dpl_losses.LAMBDA_AT, lambda_disjoint=dpl_losses.LAMBDA_DJ,
+               lambda_background=dpl_losses.LAMBDA_BG, background_threshold=BACKGROUND_THRESHOLD):
+        settings = dpl.DPLSettings(
+            weights=dpl_losses.Weights(float(lambda_attention), float(lambda_disjoint), float(lambda_background)),
+            token_iterations=int(token_iterations), learning_rate=float(learning_rate),
+            null_text_iterations=int(null_text_iterations), background_threshold=float(background_threshold))
+        return wrap_errors(NODE, self._invert, model, clip, source_prompt, nouns, steps, cfg, image, vae, latent,
+                           background, negative_prompt, settings)
+
+    def _invert(self, model, clip, source_prompt, nouns, steps, cfg, image, vae, latent, background, negative_prompt,
+                settings):
+        comfy_model.require_family(model, NODE)
+        samples, reference = _input_latent(image, vae, latent)
+        tokens = tokenize_prompt(clip, source_prompt)
+        words = split_words(nouns)
+        if not words:
+            raise AttnEditError(NODE, f"`nouns` {nouns!r} names no word; list the objects of the source prompt to "
+                                      "learn, e.g. \"cat, dog\"")
+        positions = word_positions(clip, tokens, words, "source prompt")
+        masks = _background_masks(background, samples)
+        source = comfy_model.encode_text(clip, source_prompt)
+        negative = comfy_model.encode_text(clip, negative_prompt)
+        sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
+        steps = len(sigmas) - 1
+        encoder = RowEncoder(clip, tokens, [p for w in words for p in positions[w]])
+        load(clip)
+        progress = comfy_model.Progress(model, samples.shape[0] * steps * (1 + settings.units_per_step()))
+        results = [dpl.dpl_invert(model, encoder, source, negative, samples[i:i + 1], sigmas, cfg,
+                                  [positions[w] for w in words], None if masks is None else masks[i], settings,
+                                  progress.update) for i in range(samples.shape[0])]
+        return _package(model, vae, results, reference, sigmas, cfg, source, negative, source_prompt,
+                        negative_prompt, tokens, words, settings)
+
+
+def _input_latent(image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if image is not None and latent is not None:
+        raise AttnEditError(NODE, "both `image` and `latent` are connected; connect only one of them")
+    if image is not None:
+        if vae is None:
+            raise AttnEditError(NODE, "`image` needs a `vae` to be encoded; connect the checkpoint's VAE")
+        image = crop_to_multiple(image, 8, NODE)
+        return comfy_model.vae_encode(vae, image).float(), image
+    if latent is not None:
+        return latent["samples"].float(), None
+    raise AttnEditError(NODE, "nothing to invert: connect `image` (with `vae`) or `latent`")
+
+
+def _background_masks(mask, samples) -> torch.Tensor | None:
+    """The `background` MASK as [B, H, W] (one per image), or None to estimate it."""
+    if mask is None:
+        return None
+    masks = as_mask_batch(mask, samples.shape[0], "background")
+    frame = (samples.shape[-2] * 8, samples.shape[-1] * 8)
+    if aspect_mismatch(tuple(masks.shape[-2:]), frame):
+        log.warning("%s: `background` is %dx%d, the image %dx%d; the mask is stretched to the image", NODE,
+                    masks.shape[-1], masks.shape[-2], frame[1], frame[0])
+    if float(masks.max()) <= 0:
+        log.warning("%s: `background` is empty; the background leakage loss is off", NODE)
+    return masks
+
+
+def _package(model, vae, results, reference, sigmas, cfg, source, negative, source_prompt, negative_prompt, tokens,
+             words, settings):
+    device = comfy_model.intermediate_device()
+    stack = lambda name: torch.stack([getattr(r, name).to(device) for r in results], 1)  # noqa: E731
+    recon = torch.stack([r.reconstruction for r in results]).to(device)
+    recon_raw = comfy_model.latent_to_raw(model, recon)
+    psnrs, _ = _measure(vae, recon_raw, reference)
+    extras = {"dpl": {"nouns": tuple(words), "settings": settings,
+                      "token_iterations": [[s.iterations for s in r.logs] for r in results],
+                      "losses": [[(s.first, s.last) for s in r.logs] for r in results],
+                      "null_text_iterations": [r.null_text_iterations for r in results],
+                      "rows": [{k: v.to(device) for k, v in r.rows.items()} for r in results],
+                      "background": torch.stack([r.background for r in results]).to(device),
+                      "estimated_background": [None if r.estimated_background is None else
+                                               r.estimated_background.to(device) for r in results]}}
+    trajectory = InversionTrajectory(
+        method="dpl", sigmas=sigmas, latents=stack("latents"), source=source, negative=negative,
+        source_prompt=source_prompt, negative_prompt=negative_prompt, cfg=float(cfg),
+        fingerprint=comfy_model.model_fingerprint(model), uncond=stack("uncond"), cond=stack("cond"),
+        psnr=tuple(psnrs), source_tokens=tokens, extras=extras)
+    log.info("Attention Edit: %s; token updates per step %s", trajectory.describe(),
+             extras["dpl"]["token_iterations"])
+    store = merge_stores([_store(r, tokens, trajectory.latent_hw, device, settings.level) for r in results])
+    frame = (trajectory.latent_hw[0] * 8, trajectory.latent_hw[1] * 8)
+    mask = torch.cat([grid_to_image(r.background[None, None], frame) for r in results]).to(device)
+    mean_psnr = float(sum(psnrs) / len(psnrs)) if psnrs else -1.0
+    return (trajectory, store, mask, {"samples": recon_raw}, mean_psnr)
+
+
+def _store(result: dpl.DPLInversion, tokens, latent_hw, device, level: int) -> AttentionStore:
+    """Store of one image: the DPL source maps (semantic level) and the inversion's self-attention if captured."""
+    base = store_from_run(result.ddim_run, (tokens,), latent_hw, device)
+    cross = {**base.cross, level: result.cross[None].to(device)}
+    return AttentionStore(cross, ("source",), (tokens,), latent_hw, base.steps, base.self_maps)
+
+
+NODES = {"AttnEditDynamicPromptLearn": (AttnEditDynamicPromptLearn, "Dynamic Prompt Learning (Attention Edit)")}
