@@ -227,3 +227,72 @@ def write_smoke_image(source: str, target: str, size: int = SMOKE_IMAGE_SIZE) ->
     scale = size / max(img.size)
     w, h = (max(8, int(round(d * scale / 8)) * 8) for d in img.size)
     img.resize((w, h), Image.LANCZOS).save(target)
+
+
+# ------------------------------------------------------------------------------------------------ tiny SAM
+# A Segment Anything model of the official topology (ViT encoder with windowed + global blocks, prompt encoder,
+# two-way mask decoder) at toy sizes: 64 px input, 4x4 image embedding, width 32. Built straight from the
+# segment_anything package's classes with seeded random weights, so the pack's loader must recover every size from
+# the file alone.
+TINY_SAM = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,),
+            "window_size": 2, "prompt_dim": 32, "decoder_mlp_dim": 64}
+TINY_SAM_FILE = "attnedit_tiny_sam.safetensors"
+
+
+def make_tiny_sam(seed: int = 5):
+    """A tiny random segment_anything.modeling.Sam (eval mode, CPU, float32)."""
+    from functools import partial
+
+    from segment_anything import modeling
+
+    cfg = TINY_SAM
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        return _tiny_sam(modeling, cfg, partial)
+
+
+def _tiny_sam(modeling, cfg, partial):
+    grid = cfg["img_size"] // cfg["patch_size"]
+    encoder = modeling.ImageEncoderViT(
+        depth=cfg["depth"], embed_dim=cfg["embed_dim"], img_size=cfg["img_size"], mlp_ratio=2,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["num_heads"], patch_size=cfg["patch_size"],
+        qkv_bias=True, use_rel_pos=True, global_attn_indexes=cfg["global_attn_indexes"],
+        window_size=cfg["window_size"], out_chans=cfg["prompt_dim"])
+    prompt = modeling.PromptEncoder(embed_dim=cfg["prompt_dim"], image_embedding_size=(grid, grid),
+                                    input_image_size=(cfg["img_size"], cfg["img_size"]), mask_in_chans=16)
+    decoder = modeling.MaskDecoder(
+        num_multimask_outputs=3, transformer_dim=cfg["prompt_dim"], iou_head_depth=3, iou_head_hidden_dim=32,
+        transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=cfg["prompt_dim"],
+                                               mlp_dim=cfg["decoder_mlp_dim"], num_heads=8))
+    sam = modeling.Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
+                       pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    with torch.no_grad():  # non-zero relative positions so every weight matters
+        for name, param in sam.named_parameters():
+            if "rel_pos" in name:
+                param.normal_(0.0, 0.02)
+    return sam.eval()
+
+
+def write_tiny_sam(folder: str, name: str = TINY_SAM_FILE, seed: int = 5) -> str:
+    """Save a tiny SAM checkpoint (.safetensors, or .pth/.pt via torch.save) into `folder`; returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    state = {k: v.contiguous() for k, v in make_tiny_sam(seed).state_dict().items()}
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+def register_tiny_sam(name: str = TINY_SAM_FILE) -> str:
+    """Write a tiny SAM into a temp models/sams folder known to ComfyUI's folder_paths (idempotent); returns the name."""
+    import folder_paths
+
+    folder = os.path.join(tempfile.gettempdir(), f"attnedit_tiny_sams_{os.getpid()}")
+    if not os.path.isfile(os.path.join(folder, name)):
+        write_tiny_sam(folder, name)
+    folder_paths.add_model_folder_path("sams", folder)
+    return name
