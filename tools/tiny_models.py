@@ -133,6 +133,24 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32):
                                             offload_device=mm.unet_offload_device())
 
 
+def make_inpaint_model(seed: int = 3, dtype: torch.dtype = torch.float32):
+    """A tiny SD1.x INPAINTING MODEL: the same UNet with 9 input channels (latent + mask + masked-image latent) and
+    ComfyUI's inpaint setup (`set_inpaint()`), as a loaded sd-v1-5-inpainting checkpoint is."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    cfg = _tiny_sd15_config()
+    cfg.unet_config["in_channels"] = 9
+    cfg.unet_config["dtype"] = dtype
+    model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device())
+    model.set_inpaint()
+    init_weights(model, seed)
+    model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def make_clip(seed: int = 1):
     """A tiny SD1 text encoder (comfy.sd.CLIP) with ComfyUI's shipped SD1 tokenizer. Build under no_grad (2024 host)."""
     import comfy.sd
@@ -194,7 +212,9 @@ class AttnEditTestTinyCheckpoint:
     CATEGORY = "Attention Edit/testing"
 
     def load(self, ckpt_name, seed=0):
-        return (make_model(seed), make_clip(seed + 1), make_vae(seed + 2))
+        # a checkpoint named like an inpainting model (sd-v1-5-inpainting, ...) gets the 9-channel tiny UNet
+        model = make_inpaint_model(seed + 3) if "inpaint" in str(ckpt_name).lower() else make_model(seed)
+        return (model, make_clip(seed + 1), make_vae(seed + 2))
 
 
 TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
@@ -204,7 +224,7 @@ TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
 # cores but ~0.05 s at 16x16, so images are staged at SMOKE_IMAGE_SIZE and iteration knobs are capped. Technique
 # nodes add their expensive knobs here (input name -> cap).
 SMOKE_IMAGE_SIZE = 128
-SMOKE_CAPS = {"steps": 8, "inner_steps": 2}
+SMOKE_CAPS = {"steps": 8, "inner_steps": 2, "seeds": 2}
 
 
 def cap_for_smoke(prompt: dict) -> list[str]:
