@@ -114,7 +114,7 @@ def instant_roles(per_word: torch.Tensor, start_map: torch.Tensor, gamma1: float
     forced = [index] if isinstance(index, int) else list(index)
     index_map = per_word[forced[0]] if len(forced) == 1 else minmax(per_word[forced].mean(0))
     sims = cosine(per_word, index_map)  # Eq. 7
-    roles = torch.zeros(count)
+    roles = torch.zeros(count, device=sims.device)
     roles[sims >= gamma1] = 1.0  # Eq. 8
     roles[sims <= gamma2] = -1.0
     if float(index_map.amax()) > 0:
