@@ -21,15 +21,12 @@ def register_sam_folder() -> str:
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, SAM_FOLDER)
-    entry = folder_paths.folder_names_and_paths.get(SAM_FOLDER)
-    if entry is None:
-        folder_paths.folder_names_and_paths[SAM_FOLDER] = ([default], set(SAM_EXTENSIONS))
-        return default
-    paths, extensions = entry[0], entry[1]
-    if default not in paths:
-        paths.append(default)
+    created = SAM_FOLDER not in folder_paths.folder_names_and_paths
+    if created or default not in folder_paths.folder_names_and_paths[SAM_FOLDER][0]:
+        folder_paths.add_model_folder_path(SAM_FOLDER, default)  # creates ([path], set()) or appends the path
+    extensions = folder_paths.folder_names_and_paths[SAM_FOLDER][1]
     missing = [e for e in SAM_EXTENSIONS if e not in extensions]
-    if extensions and missing:  # an empty collection already means "every file"
+    if missing and (created or extensions):  # someone else's empty collection already means "every file"
         if isinstance(extensions, set):
             extensions.update(missing)
         elif isinstance(extensions, list):

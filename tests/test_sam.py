@@ -123,3 +123,15 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
     torch.save({"model": os.path.join}, str(pickled))  # a pickled function reference: refused by weights_only
     with pytest.raises(ValueError, match="cannot read SAM checkpoint 'code.pth' safely"):
         sam().load_state_dict(str(pickled))
+
+
+def test_folder_registration_is_idempotent_and_shares_an_existing_entry(tiny_sam):
+    import folder_paths
+
+    io = pkg("masks.comfy_io")
+    before = folder_paths.get_folder_paths("sams")
+    for _ in range(3):
+        default = io.register_sam_folder()
+    paths = folder_paths.get_folder_paths("sams")
+    assert paths == before and paths.count(default) == 1, "registered once, other packs' folders kept"
+    assert any(p.endswith(f"attnedit_tiny_sams_{os.getpid()}") for p in paths)
