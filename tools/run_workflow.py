@@ -27,6 +27,7 @@ DEFAULT_WORKFLOW = os.path.join(comfy_host.REPO_ROOT, "workflows", "02_nulltext_
 DEFAULT_IMAGE = os.path.join(comfy_host.REPO_ROOT, "workflows", "assets", "attention_edit_example.jpg")
 CHECKPOINT_LOADERS = {"CheckpointLoaderSimple"}
 TINY_LOADER = "AttnEditTestTinyCheckpoint"
+SAM_NODES = {"AttnEditSAMMask"}  # nodes whose `sam_model` names a file in models/sams
 
 
 class RunnerError(Exception):
@@ -149,7 +150,26 @@ def resolve_checkpoints(prompt: dict, checkpoint: str | None) -> list[str]:
         else:
             node["class_type"], node["inputs"] = TINY_LOADER, {"ckpt_name": str(wanted)}
             smoke.append(nid)
+    if smoke:
+        smoke += resolve_sam_models(prompt)
     return smoke
+
+
+def resolve_sam_models(prompt: dict) -> list[str]:
+    """Smoke runs only: SAM nodes whose checkpoint is not installed get a tiny random SAM written to a temp folder."""
+    import folder_paths
+    import tiny_models
+
+    try:
+        available = folder_paths.get_filename_list("sams")
+    except KeyError:  # nothing registered the folder yet
+        available = []
+    swapped = []
+    for nid, node in prompt.items():
+        if node["class_type"] in SAM_NODES and node["inputs"].get("sam_model") not in available:
+            node["inputs"]["sam_model"] = tiny_models.register_tiny_sam()
+            swapped.append(nid)
+    return swapped
 
 
 def stage_image(prompt: dict, image: str | None, smoke: bool) -> None:

@@ -133,6 +133,24 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32):
                                             offload_device=mm.unet_offload_device())
 
 
+def make_inpaint_model(seed: int = 3, dtype: torch.dtype = torch.float32):
+    """A tiny SD1.x INPAINTING MODEL: the same UNet with 9 input channels (latent + mask + masked-image latent) and
+    ComfyUI's inpaint setup (`set_inpaint()`), as a loaded sd-v1-5-inpainting checkpoint is."""
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    cfg = _tiny_sd15_config()
+    cfg.unet_config["in_channels"] = 9
+    cfg.unet_config["dtype"] = dtype
+    model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device())
+    model.set_inpaint()
+    init_weights(model, seed)
+    model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def make_clip(seed: int = 1):
     """A tiny SD1 text encoder (comfy.sd.CLIP) with ComfyUI's shipped SD1 tokenizer. Build under no_grad (2024 host)."""
     import comfy.sd
@@ -194,11 +212,14 @@ class AttnEditTestTinyCheckpoint:
     CATEGORY = "Attention Edit/testing"
 
     def load(self, ckpt_name, seed=0):
-        """The family follows the placeholder's name: "xl" -> tiny SDXL, "v2"/"768-v" -> tiny SD2 v-pred, else SD1."""
+        """The family follows the placeholder's name: "inpaint" -> tiny 9-channel inpainting UNet, "xl" -> tiny SDXL,
+        "v2"/"768-v" -> tiny SD2 v-pred, else SD1."""
         import tiny_families
 
         name = str(ckpt_name).lower()
-        if "xl" in name:
+        if "inpaint" in name:
+            model, clip = make_inpaint_model(seed + 3), make_clip(seed + 1)
+        elif "xl" in name:
             model, clip = tiny_families.make_sdxl(seed)
         elif "v2" in name or "768-v" in name or "sd2" in name:
             model, clip = tiny_families.make_sd2v(seed)
@@ -215,7 +236,7 @@ TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
 # nodes add their expensive knobs here (input name -> cap).
 SMOKE_IMAGE_SIZE = 128
 SMOKE_CAPS = {"steps": 8, "inner_steps": 2, "width": SMOKE_IMAGE_SIZE, "height": SMOKE_IMAGE_SIZE,
-              "token_iterations": 2, "null_text_iterations": 2}
+              "token_iterations": 2, "null_text_iterations": 2, "seeds": 2}
 
 
 def cap_for_smoke(prompt: dict) -> list[str]:
@@ -238,3 +259,72 @@ def write_smoke_image(source: str, target: str, size: int = SMOKE_IMAGE_SIZE) ->
     scale = size / max(img.size)
     w, h = (max(8, int(round(d * scale / 8)) * 8) for d in img.size)
     img.resize((w, h), Image.LANCZOS).save(target)
+
+
+# ------------------------------------------------------------------------------------------------ tiny SAM
+# A Segment Anything model of the official topology (ViT encoder with windowed + global blocks, prompt encoder,
+# two-way mask decoder) at toy sizes: 64 px input, 4x4 image embedding, width 32. Built straight from the
+# segment_anything package's classes with seeded random weights, so the pack's loader must recover every size from
+# the file alone.
+TINY_SAM = {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,),
+            "window_size": 2, "prompt_dim": 32, "decoder_mlp_dim": 64}
+TINY_SAM_FILE = "attnedit_tiny_sam.safetensors"
+
+
+def make_tiny_sam(seed: int = 5):
+    """A tiny random segment_anything.modeling.Sam (eval mode, CPU, float32)."""
+    from functools import partial
+
+    from segment_anything import modeling
+
+    cfg = TINY_SAM
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        return _tiny_sam(modeling, cfg, partial)
+
+
+def _tiny_sam(modeling, cfg, partial):
+    grid = cfg["img_size"] // cfg["patch_size"]
+    encoder = modeling.ImageEncoderViT(
+        depth=cfg["depth"], embed_dim=cfg["embed_dim"], img_size=cfg["img_size"], mlp_ratio=2,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["num_heads"], patch_size=cfg["patch_size"],
+        qkv_bias=True, use_rel_pos=True, global_attn_indexes=cfg["global_attn_indexes"],
+        window_size=cfg["window_size"], out_chans=cfg["prompt_dim"])
+    prompt = modeling.PromptEncoder(embed_dim=cfg["prompt_dim"], image_embedding_size=(grid, grid),
+                                    input_image_size=(cfg["img_size"], cfg["img_size"]), mask_in_chans=16)
+    decoder = modeling.MaskDecoder(
+        num_multimask_outputs=3, transformer_dim=cfg["prompt_dim"], iou_head_depth=3, iou_head_hidden_dim=32,
+        transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=cfg["prompt_dim"],
+                                               mlp_dim=cfg["decoder_mlp_dim"], num_heads=8))
+    sam = modeling.Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
+                       pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    with torch.no_grad():  # non-zero relative positions so every weight matters
+        for name, param in sam.named_parameters():
+            if "rel_pos" in name:
+                param.normal_(0.0, 0.02)
+    return sam.eval()
+
+
+def write_tiny_sam(folder: str, name: str = TINY_SAM_FILE, seed: int = 5) -> str:
+    """Save a tiny SAM checkpoint (.safetensors, or .pth/.pt via torch.save) into `folder`; returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    state = {k: v.contiguous() for k, v in make_tiny_sam(seed).state_dict().items()}
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+def register_tiny_sam(name: str = TINY_SAM_FILE) -> str:
+    """Write a tiny SAM into a temp models/sams folder known to ComfyUI's folder_paths (idempotent); returns the name."""
+    import folder_paths
+
+    folder = os.path.join(tempfile.gettempdir(), f"attnedit_tiny_sams_{os.getpid()}")
+    if not os.path.isfile(os.path.join(folder, name)):
+        write_tiny_sam(folder, name)
+    folder_paths.add_model_folder_path("sams", folder)
+    return name
