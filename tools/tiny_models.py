@@ -204,7 +204,8 @@ TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
 # cores but ~0.05 s at 16x16, so images are staged at SMOKE_IMAGE_SIZE and iteration knobs are capped. Technique
 # nodes add their expensive knobs here (input name -> cap).
 SMOKE_IMAGE_SIZE = 128
-SMOKE_CAPS = {"steps": 8, "inner_steps": 2}
+SMOKE_CAPS = {"steps": 8, "inner_steps": 2,
+              "max_iterations": 2, "guidance_steps": 2, "blend_steps": 2}  # MAG-Edit Guidance
 
 
 def cap_for_smoke(prompt: dict) -> list[str]:
