@@ -48,13 +48,14 @@ def token_alpha(step: int, total_steps: int, windows: torch.Tensor) -> torch.Ten
 
 def replace_attention(src: torch.Tensor, mapper: torch.Tensor) -> torch.Tensor:
     """Word swap: target map [H, N, T] = source map [H, N, T] @ M [T, T]."""
-    return torch.einsum("hnw,wt->hnt", src, mapper.to(src))
+    return torch.einsum("hnw,wt->hnt", src, mapper.to(src, copy=True))
 
 
 def refine_attention(src: torch.Tensor, tgt: torch.Tensor, mapper: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
     """Refinement: aligned target tokens read their source token, new tokens keep the target's own attention."""
-    alphas = alphas.to(src)
-    return src[..., mapper.to(src.device)] * alphas + tgt * (1.0 - alphas)
+    # copies: controller tensors are made under the executor's inference mode and may not enter autograd (MAG-Edit)
+    alphas = alphas.to(src, copy=True)
+    return src[..., mapper.to(src.device, copy=True)] * alphas + tgt * (1.0 - alphas)
 
 
 def blockwise(fn, *maps: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class PromptToPrompt(Controller):
         else:
             edited = src
         if self.equalizer is not None:
-            edited = edited * self.equalizer.to(edited)
+            edited = edited * self.equalizer.to(edited, copy=True)
         return edited
 
     def edit_probs(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:

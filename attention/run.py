@@ -53,6 +53,8 @@ class CaptureSpec:
     cross_levels / self_levels: site levels to record (see layers.py). labels: chunk labels recorded (P2P and the
     papers use the conditional half only). live: keep this forward's per-head maps (with autograd graph when grad is
     on) for losses. accumulate: keep running head-mean sums over layers and steps (stores, local blend).
+    stop_after: with `live`, end the forward by raising CaptureComplete once this many live maps are held, so a pass
+    that only needs the maps skips the layers after the last captured one (MAG-Edit's guidance passes).
     """
 
     cross_levels: frozenset[int] = frozenset({4})
@@ -60,9 +62,14 @@ class CaptureSpec:
     labels: frozenset[int] = frozenset({COND})
     live: bool = False
     accumulate: bool = True
+    stop_after: int | None = None
 
     def wants(self, kind: str, level: int) -> bool:
         return level in (self.cross_levels if kind == "cross" else self.self_levels)
+
+
+class CaptureComplete(Exception):
+    """Raised from inside a forward when a CaptureSpec's `stop_after` live maps are held; the caller catches it."""
 
 
 @dataclass
@@ -129,6 +136,8 @@ class RunState:
             self.sums[key] = self.sums[key] + chunked if key in self.sums else chunked
             self.counts[key] = self.counts.get(key, 0) + 1
             self.grids[key] = call.grid
+        if spec.live and spec.stop_after is not None and len(self.live) >= spec.stop_after:
+            raise CaptureComplete
 
     def mean_map(self, kind: str, level: int) -> torch.Tensor | None:
         """Running mean over recorded layers and steps, [B, N, T] (None if nothing was recorded)."""

@@ -42,6 +42,13 @@ class StepContext:
     x_next: torch.Tensor | None = None
     denoised: torch.Tensor | None = None
     state: dict = field(default_factory=dict)
+    image: int = 0  # index of this image in the inversion batch (per-image masks)
+    progress: Callable[[int], None] | None = None  # reports units of inner work; also checks for Cancel
+
+    def report(self, units: int = 1) -> None:
+        """Advance the progress bar by `units` (hooks' inner iterations) and raise if the user cancelled."""
+        if self.progress is not None:
+            self.progress(units)
 
     @property
     def sigma(self) -> float:
@@ -70,6 +77,10 @@ class StepHook:
 
     def after_step(self, ctx: StepContext) -> None:
         pass
+
+    def progress_units(self, steps: int) -> int:
+        """Inner units this hook reports through `ctx.report` over a run of `steps` steps (for the progress bar)."""
+        return 0
 
 
 @dataclass
@@ -100,11 +111,13 @@ def step_context(source: SourceBranch, step: int, roles: Sequence[str], target_c
 
 def edit(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, roles: Sequence[str], source: SourceBranch,
          hooks: Sequence[StepHook] = (), target_context: torch.Tensor | None = None,
-         on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict]:
+         on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None, *, image: int = 0,
+         on_units: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Run the lock-step DDIM loop over all rows of `x` [B, C, h, w]; returns (final latents [B, C, h, w], the
     hooks' shared state dict).
 
     `target_context` [B, T, E] is the conditional context of every row (needed only with per-step source tokens).
+    `image` is the index of this image in its batch and `on_units` the progress callback, both handed to hooks.
     """
     roles = tuple(roles)
     src_rows = [i for i, r in enumerate(roles) if r == "source"]
@@ -112,7 +125,7 @@ def edit(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, roles: Seque
     for i in range(len(sigmas) - 1):
         denoiser.run.step = i
         ctx = StepContext(i, sigmas, roles, x, denoiser, step_context(source, i, roles, target_context),
-                          source.latents, state=state)
+                          source.latents, state=state, image=image, progress=on_units)
         for hook in hooks:
             hook.before_step(ctx)
         with torch.no_grad():  # hooks that need gradients (MAG-Edit) enable them themselves

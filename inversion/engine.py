@@ -156,7 +156,8 @@ def edit_image(model, trajectory, image: int, target: list, hooks: Sequence[edit
                                    _to(pick(trajectory.cond), x), _to(pick(trajectory.offsets), x), pin=pin_source)
         x_T = branch.latents[0]
         out, state = edit.edit(den, torch.stack([x_T, x_T]), sigmas, roles, branch, hooks,
-                               positive[0][0].to(x).clone(), lambda i, x_next, d: progress(1, d[1:]))
+                               positive[0][0].to(x).clone(), lambda i, x_next, d: progress(1, d[1:]), image=image,
+                               on_units=lambda n: progress(n, None))
         box["captured"], box["state"] = run.captured(), state
         return out
 

@@ -60,7 +60,8 @@ class AttnEditEditSampler:
         step_hooks = hooks.step_hooks_of(model)
         target, target_tokens = _resolve_target(controllers, inversion, target)
         grad = any(getattr(h, "NEEDS_GRAD", False) for h in step_hooks)
-        progress = comfy_model.Progress(model, inversion.steps * inversion.batch)
+        inner = sum(h.progress_units(inversion.steps) for h in step_hooks if hasattr(h, "progress_units"))
+        progress = comfy_model.Progress(model, (inversion.steps + inner) * inversion.batch)
         finals, stores = [], []
         for i in range(inversion.batch):
             final, captured, _state = engine.edit_image(

@@ -236,7 +236,9 @@ TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
 # nodes add their expensive knobs here (input name -> cap).
 SMOKE_IMAGE_SIZE = 128
 SMOKE_CAPS = {"steps": 8, "inner_steps": 2, "width": SMOKE_IMAGE_SIZE, "height": SMOKE_IMAGE_SIZE,
-              "token_iterations": 2, "null_text_iterations": 2, "seeds": 2}
+              "token_iterations": 2, "null_text_iterations": 2,  # DPL
+              "seeds": 2,  # InstDiffEdit
+              "max_iterations": 2, "guidance_steps": 2, "blend_steps": 2}  # MAG-Edit Guidance
 
 
 def cap_for_smoke(prompt: dict) -> list[str]:

@@ -1,0 +1,159 @@
+"""MAG-Edit maths on planted maps (Mao et al. 2024, Eq. 1-5): hand-computed constraints, weights, the latent update."""
+
+import math
+
+import pytest
+import torch
+from conftest import pkg
+
+
+@pytest.fixture(scope="module")
+def mag():
+    return pkg("attention.mag")
+
+
+def planted():
+    """maps [H=2, N=4, T=4], word = token 2, mask = the first two queries.
+
+    Head 0: rows sum to 1, word column (0.5, 0.2, 0.1, 0.0). Head 1: rows sum to 2 (an injected map whose aligned
+    columns come from the source need not sum to 1), word column (0.4, 0.4, 0.9, 0.9).
+    """
+    word = torch.tensor([[0.5, 0.2, 0.1, 0.0], [0.4, 0.4, 0.9, 0.9]])
+    total = torch.tensor([[1.0], [2.0]])
+    rest = (total - word) / 3  # the other three tokens share the rest of each row
+    maps = rest[..., None].expand(2, 4, 4).clone()
+    maps[..., 2] = word
+    return maps, torch.tensor([1.0, 1.0, 0.0, 0.0])
+
+
+def test_token_ratio_loss_by_hand(mag):
+    maps, mask = planted()
+    # head 0: ratios (0.5, 0.2) in the mask -> 0.35; head 1: (0.4 / 2, 0.4 / 2) -> 0.2; mean_h (1 - r_h)^2
+    expected = ((1 - 0.35) ** 2 + (1 - 0.2) ** 2) / 2
+    assert mag.token_ratio_loss(maps, mask, [2]).item() == pytest.approx(expected, abs=1e-6)
+    torch.testing.assert_close(mag.in_mask_token_ratio(maps, mask, [2]), torch.tensor([0.35, 0.2]))
+
+
+def test_token_ratio_is_per_head_then_averaged(mag):
+    """The square is per head (reference): not the square of the head-averaged ratio."""
+    maps, mask = planted()
+    pooled = (1 - (0.35 + 0.2) / 2) ** 2
+    assert abs(mag.token_ratio_loss(maps, mask, [2]).item() - pooled) > 1e-3
+
+
+def test_spatial_ratio_loss_by_hand(mag):
+    maps, mask = planted()
+    s0, s1 = 0.7 / 0.8, 0.8 / 2.6  # in-mask share of the word's attention mass per head
+    expected = (3 * ((1 - s0) - s0) + 3 * ((1 - s1) - s1)) / 2
+    assert mag.spatial_ratio_loss(maps, mask, [2]).item() == pytest.approx(expected, abs=1e-6)
+    assert mag.spatial_ratio_loss(maps, mask, [2], lam=1.0).item() == pytest.approx(expected / 3, abs=1e-6)
+
+
+def test_multi_token_word(mag):
+    """A word of several tokens: its columns are averaged for the token ratio, summed for the spatial ratio."""
+    maps = torch.full((1, 2, 4), 0.25)
+    maps[0, 0] = torch.tensor([0.1, 0.3, 0.5, 0.1])
+    mask = torch.tensor([1.0, 0.0])
+    assert mag.token_ratio(maps, [1, 2])[0, 0].item() == pytest.approx(0.4)
+    assert mag.spatial_ratio(maps, mask, [1, 2]).item() == pytest.approx(0.8 / (0.8 + 0.5))
+
+
+def test_weighted_and_negative_total(mag):
+    """Eq. 3 + Eq. 5: lambda_p (0.6 L_a + 0.4 L_b) - lambda_ng L_ng, each word loss averaged over layers."""
+    maps, mask = planted()
+    other = maps.flip(1)  # a second layer
+    layers = [maps, other]
+
+    def word(tokens):
+        return sum(mag.token_ratio_loss(m, mask, tokens).item() for m in layers) / 2
+
+    got = mag.total_loss(layers, mask, [([2], 0.6), ([0], 0.4)], [[1]], "token_ratio", lambda_p=2.0, lambda_ng=0.5)
+    expected = 2.0 * (0.6 * word([2]) + 0.4 * word([0])) - 0.5 * word([1])
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    sr = mag.total_loss(layers, mask, [([2], 1.0)], (), "spatial_ratio", lam=3.0)
+    expected_sr = sum(mag.spatial_ratio_loss(m, mask, [2]).item() for m in layers) / 2
+    assert sr.item() == pytest.approx(expected_sr, abs=1e-6)
+
+
+def test_constraints_move_the_ratios_the_right_way(mag):
+    """Gradient descent on the logits raises the target's in-mask ratios and lowers the negative word's."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 6, requires_grad=True)
+    mask = torch.zeros(16)
+    mask[:6] = 1
+    for constraint in mag.CONSTRAINTS:
+        def ratios(lg):
+            maps = lg.softmax(-1)
+            return (mag.in_mask_token_ratio(maps, mask, [3]).mean(), mag.spatial_ratio(maps, mask, [3]).mean(),
+                    mag.in_mask_token_ratio(maps, mask, [4]).mean())
+
+        loss = mag.total_loss([logits.softmax(-1)], mask, [([3], 1.0)], [[4]], constraint)
+        (grad,) = torch.autograd.grad(loss, logits)
+        before, after = ratios(logits), ratios(logits - 0.5 * grad)
+        assert after[0] > before[0] and after[1] > before[1] and after[2] < before[2], constraint
+
+
+def test_weights_parse_and_validate(mag):
+    parse, resolve = mag.parse_weighted_words, mag.resolve_weights
+    assert resolve(parse("yellow, striped")) == [("yellow", 0.5), ("striped", 0.5)]
+    assert resolve(parse("yellow=0.6, (striped)=0.4")) == [("yellow", 0.6), ("striped", 0.4)]
+    for spec, message in (("yellow=0.6, striped=0.6", "sum to 1.2"), ("yellow=0.6, striped", "some words only"),
+                          ("", "is empty"), ("yellow=abc", "not a word or word=weight"),
+                          ("yellow=1.5, striped=-0.5", "must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            resolve(parse(spec))
+
+
+def test_step_size_matches_the_reference_schedule(mag):
+    """delta = scale * sqrt((1 - abar) / abar) with abar = 1 / (1 + sigma^2); reference: ~32.6 at sigma 13.04."""
+    for sigma in (13.04, 4.67, 0.3):
+        abar = 1 / (1 + sigma**2)
+        assert mag.step_size(sigma, 2.5) == pytest.approx(2.5 * math.sqrt((1 - abar) / abar))
+    assert mag.step_size(13.04) == pytest.approx(32.6)
+
+
+def test_update_in_our_latent_equals_the_reference_update(mag):
+    """Eq. 4 on z = x / sqrt(1 + sigma^2) (what the UNet sees) equals guided_latent on x; outside M x is untouched."""
+    torch.manual_seed(1)
+    sigma, weights = 7.0, torch.randn(1, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 3:7] = 1
+    x = torch.randn(1, 4, 8, 8) * sigma
+
+    def loss_of_z(z):
+        return (weights * z.tanh()).sum()
+
+    root = math.sqrt(1 + sigma**2)
+    z = (x / root).requires_grad_(True)
+    (grad_z,) = torch.autograd.grad(loss_of_z(z), z)
+    reference = z.detach() - mask * mag.step_size(sigma) * grad_z
+    xl = x.clone().requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(loss_of_z(xl / root), xl)
+    ours = mag.guided_latent(x, grad_x, mask, sigma)
+    torch.testing.assert_close(ours / root, reference, rtol=1e-5, atol=1e-5)
+    outside = (mask == 0).expand_as(x)
+    assert torch.equal(ours[outside], x[outside]) and not torch.equal(ours, x)
+    nan_grad = torch.full_like(x, float("nan"))
+    assert torch.equal(mag.guided_latent(x, nan_grad, mask, sigma)[outside], x[outside])
+
+
+def test_fold_repeats_and_blend(mag):
+    maps = torch.rand(2, 3, 77).softmax(-1)
+    doubled = torch.cat([maps, maps], -1) / 2  # a 77-token prompt repeated to a 154-token batch
+    torch.testing.assert_close(mag.fold_repeats(doubled, 77), maps)
+    assert mag.fold_repeats(maps, 77) is maps
+    with pytest.raises(ValueError, match="whole copies"):
+        mag.fold_repeats(torch.rand(1, 2, 100), 77)
+    target, source = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
+    mask = torch.zeros(1, 4, 4)
+    mask[:, 1] = 1
+    out = mag.blend_outside(target, source, mask)
+    assert out[:, :, 1].eq(0).all() and out[:, :, 0].eq(1).all() and out[:, :, 2:].eq(1).all()
+
+
+def test_word_loss_checks_its_inputs(mag):
+    maps, mask = planted()
+    with pytest.raises(ValueError, match="unknown"):
+        mag.word_loss([maps], mask, [2], "area")
+    with pytest.raises(ValueError, match="no semantic-level"):
+        mag.word_loss([], mask, [2], "token_ratio")
