@@ -27,6 +27,8 @@ DEFAULT_WORKFLOW = os.path.join(comfy_host.REPO_ROOT, "workflows", "02_nulltext_
 DEFAULT_IMAGE = os.path.join(comfy_host.REPO_ROOT, "workflows", "assets", "attention_edit_example.jpg")
 CHECKPOINT_LOADERS = {"CheckpointLoaderSimple"}
 TINY_LOADER = "AttnEditTestTinyCheckpoint"
+ADAPTER_LOADERS = {"ControlNetLoader"}
+TINY_ADAPTER_LOADER = "AttnEditTestTinyAdapter"
 
 
 class RunnerError(Exception):
@@ -128,7 +130,8 @@ def register_extra_model_paths(path: str) -> None:
 
 
 def resolve_checkpoints(prompt: dict, checkpoint: str | None) -> list[str]:
-    """Point every checkpoint loader at an available checkpoint; swap in the tiny model when none exists."""
+    """Point every checkpoint loader at an available checkpoint; swap in the tiny model when none exists (and then the
+    tiny T2I-Adapter for every adapter loader). Returns the ids of the swapped nodes."""
     import folder_paths
 
     if checkpoint and os.path.isfile(checkpoint):
@@ -149,7 +152,29 @@ def resolve_checkpoints(prompt: dict, checkpoint: str | None) -> list[str]:
         else:
             node["class_type"], node["inputs"] = TINY_LOADER, {"ckpt_name": str(wanted)}
             smoke.append(nid)
-    return smoke
+    return smoke + resolve_adapters(prompt, tiny=bool(smoke))
+
+
+def resolve_adapters(prompt: dict, tiny: bool) -> list[str]:
+    """Adapter loaders (ControlNetLoader, e.g. T2I-Adapters): on the tiny model each becomes the tiny random T2I-Adapter
+    (a real adapter cannot run on it); with a real checkpoint the named file must be in models/controlnet."""
+    import folder_paths
+
+    swapped = []
+    for nid, node in prompt.items():
+        if node["class_type"] not in ADAPTER_LOADERS:
+            continue
+        name = node["inputs"].get("control_net_name")
+        if tiny:
+            node["class_type"], node["inputs"] = TINY_ADAPTER_LOADER, {"control_net_name": str(name)}
+            swapped.append(nid)
+            continue
+        available = folder_paths.get_filename_list("controlnet")
+        if name not in available:
+            raise RunnerError(f"node {nid} (ControlNetLoader) needs {name!r}, which is not in "
+                              f"{folder_paths.get_folder_paths('controlnet')}; put the adapter there or pick one with "
+                              f"--set {nid}.control_net_name=NAME (available: {', '.join(available) or 'none'})")
+    return swapped
 
 
 def stage_image(prompt: dict, image: str | None, smoke: bool) -> None:
