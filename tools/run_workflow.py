@@ -6,7 +6,8 @@
 WORKFLOW is a UI-format file saved by the ComfyUI frontend or an API-format prompt (default: the null-text word swap
 example). Checkpoints are found through ComfyUI's folder_paths (models/checkpoints and extra_model_paths.yaml) or as
 an explicit path. Without any checkpoint the workflow still runs end to end on a built-in tiny random model: a SMOKE
-RUN that exercises every node, whose pictures are noise. Images from SaveImage nodes are written to --out.
+RUN that exercises every node, whose pictures are noise (adapter loaders, ControlNetLoader, then load a tiny random
+T2I-Adapter). With a real checkpoint, adapters are found in models/controlnet. Images from SaveImage nodes are written to --out.
 """
 
 from __future__ import annotations
