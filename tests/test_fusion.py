@@ -400,3 +400,19 @@ def test_a_patched_model_is_rejected(tiny, inversions):
     with pytest.raises(ValueError, match="already patched by Attention Edit nodes"):
         call_node("AttnEditFusionWithAdapter", model=patched, clip=tiny.clip, inversion=inversions["direct"],
                   target_prompt=TGT, mask=region(), seed=0, start_step=0, layers="all")
+
+
+def test_one_adapter_hint_per_image_is_split_image_by_image(tiny, adapter_net):
+    import nodes
+
+    node_module = pkg("nodes.fusion")
+    hints = torch.cat([make_image(SIZE * 8, seed=1), make_image(SIZE * 8, seed=2)])
+    cond = pkg("inversion.comfy_model").encode_text(tiny.clip, TGT)
+    with torch.inference_mode():
+        applied = nodes.ControlNetApply().apply_controlnet(cond, adapter_net, hints, 0.7)[0]
+    control = applied[0][1]["control"]
+    for i in range(2):
+        single = node_module._control_for_image(control, i, 2)
+        assert torch.equal(single.cond_hint_original, hints[i:i + 1].movedim(-1, 1)) and single.strength == 0.7
+    with pytest.raises(ValueError, match="hint image batch is 2 for 3 image"):
+        node_module._control_for_image(control, 0, 3)
