@@ -416,3 +416,13 @@ def test_one_adapter_hint_per_image_is_split_image_by_image(tiny, adapter_net):
         assert torch.equal(single.cond_hint_original, hints[i:i + 1].movedim(-1, 1)) and single.strength == 0.7
     with pytest.raises(ValueError, match="hint image batch is 2 for 3 image"):
         node_module._control_for_image(control, 0, 3)
+
+
+def test_runner_swaps_adapter_loaders_only_for_the_tiny_model():
+    import run_workflow
+
+    prompt = {"1": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "t2iadapter_canny_sd14v1.pth"}}}
+    with pytest.raises(run_workflow.RunnerError, match=r"node 1 \(ControlNetLoader\) needs 't2iadapter_canny"):
+        run_workflow.resolve_adapters(copy.deepcopy(prompt), tiny=False)
+    assert run_workflow.resolve_adapters(prompt, tiny=True) == ["1"]
+    assert prompt["1"]["class_type"] == run_workflow.TINY_ADAPTER_LOADER
