@@ -169,6 +169,30 @@ def _override_context(context: torch.Tensor, labels: list[int], per_chunk: int, 
     return torch.cat(pieces)
 
 
+def keep_control_rows(control, keep: torch.Tensor):
+    """ControlNet / T2I-Adapter outputs (dict of lists of [R, C, h, w] tensors or None) with the rows where `keep`
+    ([R] bool) is False set to zero; new containers and tensors, the host's are left untouched (the UNet pops them).
+
+    A zero residual leaves the UNet's hidden state exactly as without the control (h + 0 == h).
+    """
+    if isinstance(control, torch.Tensor):
+        if control.ndim == 0 or control.shape[0] not in (1, keep.shape[0]):
+            return control
+        mask = keep.to(control.device).view(-1, *([1] * (control.ndim - 1)))
+        return torch.where(mask, control, torch.zeros((), dtype=control.dtype, device=control.device))
+    if isinstance(control, dict):
+        return {k: keep_control_rows(v, keep) for k, v in control.items()}
+    if isinstance(control, list | tuple):
+        return type(control)(keep_control_rows(v, keep) for v in control)
+    return control
+
+
+def _control_keep(run: RunState, labels: list[int], per_chunk: int) -> torch.Tensor:
+    """[R] bool: rows (chunk-major) whose latent row has a role in run.control_roles."""
+    rows = [run.roles[b] in run.control_roles if b < len(run.roles) else True for b in range(per_chunk)]
+    return torch.tensor(rows * len(labels), dtype=torch.bool)
+
+
 def _call_inner(prev, apply_model, args):
     if prev is not None:
         return prev(apply_model, args)
@@ -182,7 +206,8 @@ def make_unet_wrapper(prev=None):
       embeddings, learned tokens, negative-prompt inversion);
     - compute_labels: only chunks with these labels run through the UNet; the others return `fill[label]` (zeros
       when absent). Used for cond-only passes (MAG-Edit, DPL) and uncond-only passes (null-text inner loop);
-    - outputs: the raw per-label denoised outputs of the last call are left in run.outputs.
+    - outputs: the raw per-label denoised outputs of the last call are left in run.outputs;
+    - control_roles: ControlNet / T2I-Adapter residuals reach only rows with these roles (the others get zeros).
     """
 
     def attnedit_unet_wrapper(apply_model, args):
@@ -195,6 +220,8 @@ def make_unet_wrapper(prev=None):
         per_chunk = x.shape[0] // len(labels)
         if run.context_override and c.get("c_crossattn") is not None:
             c = dict(c, c_crossattn=_override_context(c["c_crossattn"], labels, per_chunk, run.context_override))
+        if run.control_roles is not None and c.get("control") is not None:
+            c = dict(c, control=keep_control_rows(c["control"], _control_keep(run, labels, per_chunk)))
         keep = [i for i, lab in enumerate(labels) if run.compute_labels is None or lab in run.compute_labels]
         if len(keep) == len(labels):
             out = _call_inner(prev, apply_model, dict(args, c=c))

@@ -100,6 +100,9 @@ class RunState:
     compute_labels: frozenset[int] | None = None
     fill: dict[int, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    # ControlNet / T2I-Adapter outputs reach only the latent rows with these roles (None: every row). MaSaFusion feeds
+    # the adapter to its intermediate image only.
+    control_roles: frozenset[str] | None = None
     # Capture
     live: list[LiveMap] = field(default_factory=list)
     sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
@@ -207,6 +210,11 @@ class Controller:
 
     EDITS_PROBS = False
     EDITS_OUTPUT = False
+    # An output editor whose edit also has a probability form sets this: its `edit_probs` then runs only when the
+    # dispatcher computes the probabilities anyway (capture, another probability editor), so captured maps show the
+    # edited attention without forcing materialised probabilities on every call. Its `edit_output` still decides the
+    # output.
+    EDITS_PROBS_IF_COMPUTED = False
     # Controllers that define the edit's target prompt expose it so the edit sampler can use and check it.
     source_text: str | None = None
     target_text: str | None = None
@@ -229,9 +237,10 @@ class Controller:
 def dispatch(call: AttnCall, controllers, default_attention) -> torch.Tensor:
     """Run the active controllers on one attention call; `default_attention()` when none acts and nothing is captured.
 
-    Order: probability edits (in installation order) -> capture of the edited probs -> output = probs @ V ->
-    output edits. With no active controller and no capture the host's own attention kernel runs, so an installed but
-    inactive controller is bit-identical to the unpatched model.
+    Order: probability edits (in installation order; controllers with EDITS_PROBS_IF_COMPUTED join them only when
+    probabilities are computed anyway) -> capture of the edited probs -> output = probs @ V -> output edits. With no
+    active controller and no capture the host's own attention kernel runs, so an installed but inactive controller is
+    bit-identical to the unpatched model.
     """
     active = [c for c in controllers if c.active(call)]
     run = call.run
@@ -239,8 +248,9 @@ def dispatch(call: AttnCall, controllers, default_attention) -> torch.Tensor:
     prob_editors = [c for c in active if c.EDITS_PROBS]
     if prob_editors or capture:
         probs = call.probs()
-        for ctrl in prob_editors:
-            probs = ctrl.edit_probs(call, probs)
+        for ctrl in active:
+            if ctrl.EDITS_PROBS or ctrl.EDITS_PROBS_IF_COMPUTED:
+                probs = ctrl.edit_probs(call, probs)
         if capture:
             run.record(call, probs)
         out = apply_probs(probs, call.v, call.heads)

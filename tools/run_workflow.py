@@ -6,7 +6,8 @@
 WORKFLOW is a UI-format file saved by the ComfyUI frontend or an API-format prompt (default: the null-text word swap
 example). Checkpoints are found through ComfyUI's folder_paths (models/checkpoints and extra_model_paths.yaml) or as
 an explicit path. Without any checkpoint the workflow still runs end to end on a built-in tiny random model: a SMOKE
-RUN that exercises every node, whose pictures are noise. Images from SaveImage nodes are written to --out.
+RUN that exercises every node, whose pictures are noise (adapter loaders, ControlNetLoader, then load a tiny random
+T2I-Adapter). With a real checkpoint, adapters are found in models/controlnet. Images from SaveImage nodes are written to --out.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ DEFAULT_IMAGE = os.path.join(comfy_host.REPO_ROOT, "workflows", "assets", "atten
 CHECKPOINT_LOADERS = {"CheckpointLoaderSimple"}
 TINY_LOADER = "AttnEditTestTinyCheckpoint"
 SAM_NODES = {"AttnEditSAMMask"}  # nodes whose `sam_model` names a file in models/sams
+ADAPTER_LOADERS = {"ControlNetLoader"}
+TINY_ADAPTER_LOADER = "AttnEditTestTinyAdapter"
 
 
 class RunnerError(Exception):
@@ -129,7 +132,8 @@ def register_extra_model_paths(path: str) -> None:
 
 
 def resolve_checkpoints(prompt: dict, checkpoint: str | None) -> list[str]:
-    """Point every checkpoint loader at an available checkpoint; swap in the tiny model when none exists."""
+    """Point every checkpoint loader at an available checkpoint; swap in the tiny model when none exists (and then the
+    tiny T2I-Adapter for every adapter loader). Returns the ids of the swapped nodes."""
     import folder_paths
 
     if checkpoint and os.path.isfile(checkpoint):
@@ -152,7 +156,29 @@ def resolve_checkpoints(prompt: dict, checkpoint: str | None) -> list[str]:
             smoke.append(nid)
     if smoke:
         smoke += resolve_sam_models(prompt)
-    return smoke
+    return smoke + resolve_adapters(prompt, tiny=bool(smoke))
+
+
+def resolve_adapters(prompt: dict, tiny: bool) -> list[str]:
+    """Adapter loaders (ControlNetLoader, e.g. T2I-Adapters): on the tiny model each becomes the tiny random T2I-Adapter
+    (a real adapter cannot run on it); with a real checkpoint the named file must be in models/controlnet."""
+    import folder_paths
+
+    swapped = []
+    for nid, node in prompt.items():
+        if node["class_type"] not in ADAPTER_LOADERS:
+            continue
+        name = node["inputs"].get("control_net_name")
+        if tiny:
+            node["class_type"], node["inputs"] = TINY_ADAPTER_LOADER, {"control_net_name": str(name)}
+            swapped.append(nid)
+            continue
+        available = folder_paths.get_filename_list("controlnet")
+        if name not in available:
+            raise RunnerError(f"node {nid} (ControlNetLoader) needs {name!r}, which is not in "
+                              f"{folder_paths.get_folder_paths('controlnet')}; put the adapter there or pick one with "
+                              f"--set {nid}.control_net_name=NAME (available: {', '.join(available) or 'none'})")
+    return swapped
 
 
 def resolve_sam_models(prompt: dict) -> list[str]:

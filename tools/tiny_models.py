@@ -187,6 +187,26 @@ def constant_eps_model(model, eps: torch.Tensor):
     return m
 
 
+TINY_ADAPTER_CHANNELS = [32, 64, 128, 128]  # TINY_SD1_UNET model_channels * channel_mult: one feature per level
+
+
+def make_t2i_adapter(seed: int = 3, hint_channels: int = 3):
+    """A tiny T2I-Adapter (ComfyUI's comfy.t2i_adapter.adapter.Adapter, random weights) matched to the tiny UNet,
+    wrapped exactly as Load ControlNet Model wraps an adapter file (comfy.controlnet.load_t2i_adapter -> T2IAdapter).
+
+    Its four features (latent resolution and three halvings) are added after input blocks 2, 5, 8 and 11, as SD1.x
+    T2I-Adapters are. Apply it with core ControlNetApply / ControlNetApplyAdvanced.
+    """
+    import comfy.controlnet
+    from comfy.t2i_adapter.adapter import Adapter
+
+    with torch.no_grad():
+        net = Adapter(channels=TINY_ADAPTER_CHANNELS, nums_rb=2, cin=hint_channels * 64, ksize=1, sk=True,
+                      use_conv=False, xl=False)
+        init_weights(net, seed)
+        return comfy.controlnet.load_t2i_adapter(net.state_dict())
+
+
 @dataclass
 class TinyBundle:
     model: object
@@ -228,7 +248,25 @@ class AttnEditTestTinyCheckpoint:
         return (model, clip, make_vae(seed + 2))
 
 
-TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint}
+class AttnEditTestTinyAdapter:
+    """Test/smoke-run only (never shipped in NODE_CLASS_MAPPINGS): stands in for ControlNetLoader with the tiny
+    random T2I-Adapter (a real adapter cannot run on the tiny UNet)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net_name": ("STRING", {"default": "tiny"})},
+                "optional": {"seed": ("INT", {"default": 3, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+    CATEGORY = "Attention Edit/testing"
+
+    def load(self, control_net_name, seed=3):
+        return (make_t2i_adapter(seed),)
+
+
+TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint,
+              "AttnEditTestTinyAdapter": AttnEditTestTinyAdapter}
 
 
 # Smoke runs (tests, the runner without a checkpoint): the tiny UNet costs ~3 s per call at a 64x64 latent on 2 CPU

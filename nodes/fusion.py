@@ -1,0 +1,222 @@
+"""AttnEditFusionWithAdapter (MaSaFusion, Alg. 1 / Alg. 5) and AttnEditEmbCtrl (Alg. 4, Eq. 12): schema and plumbing."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention import embctrl, hooks
+from ..attention import fusion as attn_fusion
+from ..attention.tokens import tokenize_prompt
+from ..inversion import comfy_model
+from ..inversion import fusion as inv_fusion
+from ..inversion.conditioning import single_entry
+from ..masks.ops import as_mask_batch, aspect_mismatch, mask_to_grid
+from .common import AttnEditError, check_inversion_model, wrap_errors
+from .types import CAT_TECHNIQUES, INVERSION
+
+log = logging.getLogger("attention_edit")
+FUSION = "MaSaFusion (Fusion with Adapter)"
+EMBCTRL = "EmbCtrl (Embedding Control)"
+
+
+class AttnEditFusionWithAdapter:
+    DESCRIPTION = (
+        "MaSaFusion (Li, Yi, Li): shape-changing edits of a real image inside a region you mark. With an adapter "
+        "connected (a T2I-Adapter or ControlNet applied by core Apply ControlNet, e.g. a sketch or Canny edges of "
+        "the wanted shape) an intermediate image is generated from fresh noise: it follows the adapter and the target "
+        "prompt inside the mask and the source image outside it (Eq. 9). The edited image starts from the inverted "
+        "noise outside the mask and the intermediate's noise inside; inside the mask it borrows the intermediate's "
+        "self-attention map, outside it the source's self-attention (Eq. 10). Without an adapter it runs the "
+        "paper's adapter-free variant (App. C, Alg. 5). Use a direct inversion (fast) or null-text inversion.")
+    CATEGORY = CAT_TECHNIQUES
+    FUNCTION = "edit"
+    RETURN_TYPES = ("LATENT", "LATENT", "LATENT")
+    RETURN_NAMES = ("latent", "intermediate_latent", "source_latent")
+    OUTPUT_TOOLTIPS = (
+        "The edited image latent (VAE Decode it).",
+        "The adapter-driven intermediate image whose self-attention shapes the edit (without an adapter there is no "
+        "intermediate image and this repeats source_latent).",
+        "What the source branch regenerated (should look like the input).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The checkpoint that made the inversion (unpatched: this node installs "
+                                               "its own attention fusion on a copy)."}),
+                "clip": ("CLIP", {"tooltip": "Text encoder of the same checkpoint (encodes the target prompt)."}),
+                "inversion": (INVERSION, {"tooltip": "From Invert Image (method direct recommended; null_text works "
+                                                     "too). Fixes schedule, guidance and the source noise."}),
+                "target_prompt": ("STRING", {"multiline": True, "default": "a photo of a cat standing on a sofa",
+                                             "tooltip": "The edited caption."}),
+                "mask": ("MASK", {"tooltip": "Edit region A: white where the shape may change (any size; stretched "
+                                             "to the image, a latent pixel is inside when >= 50% covered). Paint it "
+                                             "in Load Image's mask editor or build it with mask nodes."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the Gaussian noise x the intermediate image starts from (also "
+                                            "the target's noise inside the mask). The result depends on it."}),
+                "start_step": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                       "tooltip": "Self-attention fusion starts at this step (0 = all steps, the "
+                                                  "paper's masked setting; MasaCtrl uses 4)."}),
+                "layers": (list(attn_fusion.LAYERS), {"default": "all",
+                                                      "tooltip": "Self-attention layers that fuse: all (paper) or "
+                                                                 "decoder (MasaCtrl's up-block layers at the two "
+                                                                 "finest resolutions)."}),
+            },
+            "optional": {
+                "adapter": ("CONDITIONING", {"tooltip": "Output of core Apply ControlNet (Advanced) carrying a "
+                                                        "T2I-Adapter (Load ControlNet Model) and its hint image. "
+                                                        "Only the adapter is used (the prompt comes from "
+                                                        "target_prompt). Unconnected: adapter-free variant."}),
+                "source_prompt": ("STRING", {"multiline": True, "default": "",
+                                             "tooltip": "Empty = the inversion's source prompt. If given, it must "
+                                                        "equal the Invert node's prompt."}),
+                "adapter_on_target": ("BOOLEAN", {"default": False,
+                                                  "tooltip": "Also feed the adapter to the edited image's passes "
+                                                             "(Alg. 1 line 8 literally). Off: only the intermediate "
+                                                             "image sees it, so an empty mask returns the source."}),
+            },
+        }
+
+    def edit(self, model, clip, inversion, target_prompt, mask, seed, start_step, layers, adapter=None,
+             source_prompt="", adapter_on_target=False):
+        return wrap_errors(FUSION, self._edit, model, clip, inversion, target_prompt, mask, seed, start_step, layers,
+                           adapter, source_prompt, adapter_on_target)
+
+    def _edit(self, model, clip, inversion, target_prompt, mask, seed, start_step, layers, adapter, source_prompt,
+              adapter_on_target):
+        comfy_model.require_family(model, FUSION)
+        check_inversion_model(FUSION, inversion, model, comfy_model.model_fingerprint(model))
+        if hooks.controllers_of(model) or hooks.step_hooks_of(model):
+            raise AttnEditError(FUSION, "the connected MODEL is already patched by Attention Edit nodes (e.g. "
+                                        "Prompt-to-Prompt Attention Hook); this node runs its own attention fusion. "
+                                        "Connect the checkpoint's MODEL directly.")
+        if source_prompt.strip() and source_prompt.strip() != inversion.source_prompt.strip():
+            raise AttnEditError(FUSION, f"`source_prompt` {source_prompt!r} differs from the prompt the inversion was "
+                                        f"made with ({inversion.source_prompt!r}); leave it empty or use the same text.")
+        if layers not in attn_fusion.LAYERS:
+            raise AttnEditError(FUSION, f"`layers` {layers!r} is unknown; choose one of {', '.join(attn_fusion.LAYERS)}")
+        batch, (h, w) = inversion.batch, inversion.latent_hw
+        regions = _regions(mask, batch, (h, w))
+        control = _adapter_control(adapter)
+        target = comfy_model.encode_text(clip, target_prompt)
+        sources = attn_fusion.ALG1_SOURCES if control is not None else attn_fusion.ALG5_SOURCES
+        patched = hooks.add_controller(model, attn_fusion.MaskedSelfAttentionFusion(sources, int(start_step), layers))
+        roles = {attn_fusion.T2I_BAR, attn_fusion.T2I}
+        if adapter_on_target:
+            roles |= {attn_fusion.TARGET_BAR, attn_fusion.TARGET}
+        channels = inversion.latents.shape[2]
+        noise = torch.randn((batch, channels, h, w), generator=torch.Generator().manual_seed(int(seed)))
+        progress = comfy_model.Progress(model, inversion.steps * batch)
+        targets, intermediates, sources_out = [], [], []
+        for i in range(batch):
+            final, layout, _ = inv_fusion.fuse_image(
+                patched, inversion, i, target, regions[i:i + 1], noise[i] if control is not None else None,
+                _control_for_image(control, i, batch), frozenset(roles), progress=progress.update)
+            targets.append(final[layout.target_stream])
+            sources_out.append(final[0])
+            intermediates.append(final[layout.intermediate_stream] if layout.intermediate_stream is not None
+                                 else final[0])
+        device = comfy_model.intermediate_device()
+        raw = lambda xs: {"samples": comfy_model.latent_to_raw(model, torch.stack(xs)).to(device)}  # noqa: E731
+        return (raw(targets), raw(intermediates), raw(sources_out))
+
+
+def _regions(mask, batch: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Edit region A per image on the latent grid, [B, 1, h, w] in {0, 1} (masks/ops.py alignment)."""
+    masks = as_mask_batch(mask, batch, "mask")
+    image_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
+    if aspect_mismatch(tuple(masks.shape[-2:]), image_hw):
+        log.warning("%s: mask %dx%d has another aspect ratio than the image %dx%d; it is stretched", FUSION,
+                    masks.shape[-1], masks.shape[-2], image_hw[1], image_hw[0])
+    regions = mask_to_grid(masks, latent_hw, binary=True)
+    if not bool(regions.any()):
+        log.warning("%s: the mask covers no latent pixel (>= 50%% of 8x8 px); the edit returns the source image",
+                    FUSION)
+    return regions
+
+
+def _adapter_control(adapter):
+    """The ControlNet / T2I-Adapter object that Apply ControlNet attached to `adapter`, or None (unconnected, or a
+    conditioning without one: Apply ControlNet at strength 0 passes the prompt through unchanged)."""
+    if adapter is None:
+        return None
+    entry = single_entry(adapter, "adapter")
+    control = entry[1].get("control")
+    if control is None:
+        log.warning("%s: `adapter` carries no T2I-Adapter/ControlNet (Apply ControlNet at strength 0, or a plain "
+                    "prompt connected); running the adapter-free variant (Alg. 5). Connect Apply ControlNet's output "
+                    "with an adapter from Load ControlNet Model to use one.", FUSION)
+    return control
+
+
+def _control_for_image(control, index: int, batch: int):
+    """The control for image `index`: a hint batch of one serves every image; a hint per image is split."""
+    if control is None:
+        return None
+    hint = getattr(control, "cond_hint_original", None)
+    if hint is None or hint.shape[0] == 1:
+        return control
+    if hint.shape[0] != batch:
+        raise AttnEditError(FUSION, f"the adapter's hint image batch is {hint.shape[0]} for {batch} image(s); connect "
+                                    "one hint, or one per image")
+    single = control.copy()
+    single.set_cond_hint(hint[index:index + 1], control.strength, control.timestep_percent_range)
+    if getattr(control, "previous_controlnet", None) is not None:
+        single.set_previous_controlnet(control.previous_controlnet)
+    return single
+
+
+class AttnEditEmbCtrl:
+    DESCRIPTION = (
+        "EmbCtrl (MaSaFusion paper, App. B, Eq. 12): a target prompt CONDITIONING that keeps the source prompt's "
+        "token embeddings everywhere except at the changed words. CLIP is causal, so editing 'brown' to 'pink' in "
+        "'a woman with brown hair' normally changes the embedding of every later token ('hair', end of text, "
+        "padding) and with it unrelated details such as the face; EmbCtrl keeps them. For colour, material or "
+        "background edits that keep shapes. Connect to Attention Edit Sampler's `target` (with or without attention "
+        "hooks) or to any sampler's positive input.")
+    CATEGORY = CAT_TECHNIQUES
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING", "STRING")
+    RETURN_NAMES = ("target", "changed_tokens")
+    OUTPUT_TOOLTIPS = ("Target CONDITIONING: source embeddings except at the changed tokens.",
+                       "The target tokens that take the target prompt's embedding (to check the edit).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "Text encoder of the checkpoint you sample with."}),
+                "source_prompt": ("STRING", {"multiline": True, "default": "a woman with brown hair",
+                                             "tooltip": "The caption of the source image (the Invert node's prompt)."}),
+                "target_prompt": ("STRING", {"multiline": True, "default": "a woman with pink hair",
+                                             "tooltip": "The source caption with the words to change replaced."}),
+                "alignment": (list(embctrl.ALIGNMENTS), {"default": embctrl.ALIGNMENTS[0],
+                                                         "tooltip": "align tokens: words of another token length "
+                                                                    "are aligned so the text after them still keeps "
+                                                                    "the source embeddings. same token count only: "
+                                                                    "Eq. 12 literally, other lengths are an error."}),
+            },
+        }
+
+    def encode(self, clip, source_prompt, target_prompt, alignment):
+        return wrap_errors(EMBCTRL, self._encode, clip, source_prompt, target_prompt, alignment)
+
+    def _encode(self, clip, source_prompt, target_prompt, alignment):
+        src_tok, tgt_tok = tokenize_prompt(clip, source_prompt), tokenize_prompt(clip, target_prompt)
+        index = embctrl.source_index(src_tok, tgt_tok, alignment)
+        src, _ = single_entry(comfy_model.encode_text(clip, source_prompt), "source_prompt")
+        tgt, options = single_entry(comfy_model.encode_text(clip, target_prompt), "target_prompt")
+        embedding = embctrl.control_embedding(src, tgt, index)
+        changed = embctrl.describe(tgt_tok, index)
+        log.info("%s: target tokens from the target prompt: %s", EMBCTRL, changed)
+        return ([[embedding, dict(options)]], changed)
+
+
+NODES = {
+    "AttnEditFusionWithAdapter": (AttnEditFusionWithAdapter, "MaSaFusion: Fusion with Adapter (Attention Edit)"),
+    "AttnEditEmbCtrl": (AttnEditEmbCtrl, "EmbCtrl: Embedding Control (Attention Edit)"),
+}

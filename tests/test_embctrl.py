@@ -1,0 +1,112 @@
+"""EmbCtrl (Alg. 4, Eq. 12): source embeddings everywhere but the changed tokens (real SD1 tokenizer, tiny CLIP)."""
+
+import pytest
+import torch
+from conftest import call_node, make_latent, pkg
+
+embctrl = pkg("attention.embctrl")
+tokens = pkg("attention.tokens")
+comfy_model = pkg("inversion.comfy_model")
+
+
+def encode(clip, text):
+    return comfy_model.encode_text(clip, text)[0][0]
+
+
+def emb_ctrl(clip, source, target, alignment="align tokens"):
+    cond, changed = call_node("AttnEditEmbCtrl", clip=clip, source_prompt=source, target_prompt=target,
+                              alignment=alignment)
+    return cond, changed
+
+
+def test_same_length_keeps_the_source_everywhere_but_the_changed_word(tiny):
+    src_text, tgt_text = "a woman with brown hair", "a woman with pink hair"
+    cond, changed = emb_ctrl(tiny.clip, src_text, tgt_text)
+    emb = cond[0][0]
+    src, tgt = encode(tiny.clip, src_text), encode(tiny.clip, tgt_text)
+    pos = tokens.tokenize_prompt(tiny.clip, tgt_text).find_text("pink")
+    assert pos == [4] and changed == "pink"
+    others = [j for j in range(77) if j not in pos]
+    assert torch.equal(emb[:, others], src[:, others])  # incl. "hair", EOT and padding after the changed word
+    assert torch.equal(emb[:, pos], tgt[:, pos])
+    # the test means something: CLIP is causal, so the plain target differs from the source after the changed word
+    assert torch.equal(tgt[:, :4], src[:, :4]) and not torch.allclose(tgt[:, 5:], src[:, 5:], atol=1e-4)
+
+
+def test_identical_prompts_give_the_source_embedding(tiny):
+    cond, changed = emb_ctrl(tiny.clip, "a photo of a cat", "a photo of a cat")
+    assert torch.equal(cond[0][0], encode(tiny.clip, "a photo of a cat"))
+    assert changed.startswith("(none")
+
+
+def test_words_of_other_token_length_are_aligned(tiny):
+    src_text, tgt_text = "a photo of a cat on a sofa", "a photo of a grimalkin on a sofa"
+    src_tok, tgt_tok = (tokens.tokenize_prompt(tiny.clip, t) for t in (src_text, tgt_text))
+    new = tgt_tok.find_text("grimalkin")
+    assert len(new) == 3, "grimalkin must be three tokens for this test"
+    shift = len(new) - 1  # the target is two tokens longer
+    cond, changed = emb_ctrl(tiny.clip, src_text, tgt_text)
+    emb, src, tgt = cond[0][0], encode(tiny.clip, src_text), encode(tiny.clip, tgt_text)
+    assert changed == ", ".join(tgt_tok.pieces[j] for j in new)
+    assert torch.equal(emb[:, new], tgt[:, new])
+    assert torch.equal(emb[:, :new[0]], src[:, :new[0]])  # SOT .. "a" before the changed word
+    tail = list(range(new[-1] + 1, 77))  # "on a sofa", EOT, padding: the source's, `shift` positions further on
+    assert torch.equal(emb[:, tail], src[:, [min(j - shift, 76) for j in tail]])
+    index = embctrl.source_index(src_tok, tgt_tok)
+    assert (index[new] == -1).all() and index[new[-1] + 1] == src_tok.find_text("on")[0]
+    assert not torch.allclose(tgt[:, tail], src[:, [min(j - shift, 76) for j in tail]], atol=1e-4)
+
+
+def test_shorter_target_pads_with_the_last_source_position():
+    make = pkg("attention.tokens").PromptTokens
+    pad = 49407
+    src = make("a b c", tuple([49406, 1, 2, 3, pad] + [pad] * 72), ("",) * 77, tuple([0, 1, 2, 3] + [0] * 73), pad)
+    tgt = make("a c", tuple([49406, 1, 3, pad] + [pad] * 73), ("",) * 77, tuple([0, 1, 2] + [0] * 74), pad)
+    index = embctrl.source_index(src, tgt)
+    assert index[:4].tolist() == [0, 1, 3, 4]  # "b" dropped: "c" and EOT keep their source embeddings
+    assert index[4:].tolist() == [min(j + 1, 76) for j in range(4, 77)]
+    with pytest.raises(tokens.PromptError, match="different token counts"):
+        embctrl.source_index(src, tgt, "same token count only")
+
+
+def test_control_embedding_is_eq_12_by_hand():
+    source = torch.arange(77 * 2, dtype=torch.float32).view(1, 77, 2)
+    target = -source
+    index = torch.arange(77)
+    index[3] = -1
+    index[10] = 5
+    out = embctrl.control_embedding(source, target, index)
+    assert torch.equal(out[0, 3], target[0, 3]) and torch.equal(out[0, 10], source[0, 5])
+    keep = [j for j in range(77) if j not in (3, 10)]
+    assert torch.equal(out[0, keep], source[0, keep])
+
+
+def test_other_token_count_is_rejected_in_strict_mode(tiny):
+    with pytest.raises(ValueError, match=r"\[Attention Edit\] EmbCtrl.*different token counts.*'align tokens'"):
+        emb_ctrl(tiny.clip, "a photo of a cat", "a photo of a grimalkin", "same token count only")
+    cond, _ = emb_ctrl(tiny.clip, "a photo of a cat", "a photo of a dog", "same token count only")
+    assert cond[0][0].shape == (1, 77, 32)
+
+
+def test_long_prompts_are_rejected(tiny):
+    long = "a photo of " + " ".join(["cat"] * 80)
+    with pytest.raises(ValueError, match="longer than 75 tokens"):
+        emb_ctrl(tiny.clip, long, long.replace("photo", "painting"))
+
+
+def test_usable_with_the_edit_sampler_and_core_samplers(tiny):
+    import nodes
+
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt="a woman with brown hair",
+                    method="direct", steps=4, cfg=7.5, latent=make_latent(seed=2))[0]
+    ctrl, _ = emb_ctrl(tiny.clip, "a woman with brown hair", "a woman with pink hair")
+    plain = comfy_model.encode_text(tiny.clip, "a woman with pink hair")
+    edited, source, _ = call_node("AttnEditEditSampler", model=tiny.model, inversion=inv, target=ctrl)
+    edited_plain, _, _ = call_node("AttnEditEditSampler", model=tiny.model, inversion=inv, target=plain)
+    assert torch.isfinite(edited["samples"]).all()
+    assert not torch.allclose(edited["samples"], edited_plain["samples"], atol=1e-4)
+    negative = comfy_model.encode_text(tiny.clip, "")
+    with torch.inference_mode():
+        out = nodes.KSampler().sample(tiny.model, 1, 2, 5.0, "euler", "normal", ctrl, negative,
+                                      make_latent(seed=3), denoise=1.0)[0]["samples"]
+    assert torch.isfinite(out).all()
