@@ -2,7 +2,9 @@
 
 Modes (each on the store's "16x16" semantic-level cross-attention maps, one mask per selected store row):
 - "instant": InstDiffEdit's instant mask (masks/instant.py, Zou et al. 2024 Eq. 6-9), no word needed;
-- "local blend": Prompt-to-Prompt's local-blend mask of the given words (masks/local_blend.py).
+- "local blend": Prompt-to-Prompt's local-blend mask of the given words (masks/local_blend.py);
+- "background": Dynamic Prompt Learning's background estimate (masks/background.py, Wang et al. 2023 Sec. 3.3) from
+  the 32x32 self-attention (store.self_maps[2]) and the given nouns' cross-attention; 1 = background.
 Masks are made on the latent grid of the store; nodes resize them to the picture with masks/ops.py.
 """
 
@@ -12,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.layers import SEMANTIC_LEVEL
+from ..attention.dpl import noun_maps
+from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL, semantic_grid
 from ..attention.store import AttentionStore
 from ..attention.tokens import PromptError, PromptTokens
-from . import instant, local_blend
+from . import background, instant, local_blend
 
-INSTANT, LOCAL_BLEND = "instant", "local blend"
-MODES = (INSTANT, LOCAL_BLEND)
+INSTANT, LOCAL_BLEND, BACKGROUND = "instant", "local blend", "background"
+MODES = (INSTANT, LOCAL_BLEND, BACKGROUND)
 
 
 class StoreMaskError(ValueError):
@@ -36,6 +39,8 @@ class MaskSettings:
     phi: float = instant.PHI
     gamma1: float = instant.GAMMA1
     gamma2: float = instant.GAMMA2
+    clusters: int = background.BACKGROUND_CLUSTERS
+    background_threshold: float = background.BACKGROUND_THRESHOLD
 
 
 def store_rows(store: AttentionStore, branch: str, image_index: int = -1) -> list[int]:
@@ -90,4 +95,23 @@ def mask_of_row(store: AttentionStore, row: int, settings: MaskSettings) -> tupl
         mask, heat, _ = instant.instant_mask(maps, groups, store.latent_hw, phi=settings.phi,
                                              gamma1=settings.gamma1, gamma2=settings.gamma2, index=index)
         return mask, heat
+    if settings.mode == BACKGROUND:
+        return _background(store, row, maps, prompt, label, settings)
     raise StoreMaskError(f"`mode` {settings.mode!r} is unknown; choose one of {', '.join(MODES)}")
+
+
+def _background(store, row, maps, prompt, label, settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPL background: k-means of the self-attention rows vs the nouns' maps, upsampled (nearest) to the latent."""
+    self_maps = store.self_maps.get(SELF_LEVEL_DPL)
+    if self_maps is None:
+        raise StoreMaskError("mode 'background' needs the 32x32 self-attention: turn on `capture_self_attention` in "
+                             "Invert Image (the store of Dynamic Prompt Learn has it too)")
+    if not settings.words:
+        raise PromptError(f"mode 'background' needs `words`: the nouns of the objects (of the {label}: "
+                          f"{', '.join(g[1] for g in prompt.word_groups()) or '(none)'}), e.g. \"cat, sofa\"")
+    nouns = [prompt.find_text(w, label) for w in settings.words]
+    grid = semantic_grid(store.latent_hw, SELF_LEVEL_DPL)
+    bg = background.estimate_background(self_maps[row], noun_maps(maps, nouns), settings.clusters,
+                                        settings.background_threshold, grid=grid)
+    mask = torch.nn.functional.interpolate(bg[None, None], size=store.latent_hw, mode="nearest")[0, 0]
+    return mask, bg

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..attention.tokens import split_words
-from ..masks import from_attention, instant, local_blend, ops, preview
+from ..masks import background, from_attention, instant, local_blend, ops, preview
 from ..masks.from_attention import MaskSettings
 from .common import AttnEditError, wrap_errors
 from .types import ATTN_STORE, CAT_MASKS
@@ -18,7 +18,7 @@ LATENT_SCALE = 8  # pixels per latent cell of SD VAEs
 
 
 def available_modes() -> tuple[str, ...]:
-    """The modes this install offers ("background" only where masks/background.py is present)."""
+    """The mask modes of the node."""
     return from_attention.MODES
 
 
@@ -27,7 +27,7 @@ class AttnEditMaskFromAttention:
         "Turns the cross-attention captured by Invert Image or Attention Edit Sampler into a MASK of the region to "
         "edit. instant (InstDiffEdit, Zou et al. 2024): finds the edited object by itself from the attention of "
         "every word, no word needed. local blend (Prompt-to-Prompt): the attention of the words you name, "
-        "thresholded and dilated. Outputs the mask at image size, the same mask on the latent grid, and previews. "
+        "thresholded and dilated. background (Dynamic Prompt Learning): the region no noun claims. Outputs the mask at image size, the same mask on the latent grid, and previews. "
         "Feed it to core inpainting (VAE Encode for Inpainting, InpaintModelConditioning) or any node taking a MASK.")
     CATEGORY = CAT_MASKS
     FUNCTION = "make"
@@ -46,7 +46,9 @@ class AttnEditMaskFromAttention:
                 "mode": (list(available_modes()), {
                     "default": from_attention.INSTANT,
                     "tooltip": "instant: InstDiffEdit's automatic mask (finds the object without a word). "
-                               "local blend: the named words' attention (Prompt-to-Prompt)."}),
+                               "local blend: the named words' attention (Prompt-to-Prompt). background: Dynamic "
+                               "Prompt Learning's background estimate (needs `words` = the nouns, and a store "
+                               "with self-attention); 1 = background."}),
             },
             "optional": {
                 "words": ("STRING", {"default": "", "tooltip": "Comma-separated words of the prompt. local blend: "
@@ -72,6 +74,12 @@ class AttnEditMaskFromAttention:
                 "gamma2": ("FLOAT", {"default": instant.GAMMA2, "min": -1.0, "max": 1.0, "step": 0.01,
                                      "tooltip": "instant: words less similar than this are subtracted as "
                                                 "background (paper 0.6)."}),
+                "clusters": ("INT", {"default": background.BACKGROUND_CLUSTERS, "min": 2, "max": 16,
+                                     "tooltip": "background: k-means segments of the self-attention (DPL: 5)."}),
+                "background_threshold": ("FLOAT", {"default": background.BACKGROUND_THRESHOLD, "min": 0.0,
+                                                   "max": 1.0, "step": 0.01,
+                                                   "tooltip": "background: a segment whose agreement with every noun "
+                                                              "is at most this is background (DPL: 0.2)."}),
                 "image": ("IMAGE", {"tooltip": "Sets the mask size and is drawn under the previews (optional)."}),
                 "latent": ("LATENT", {"tooltip": "Sets the mask size (8 px per latent cell) when no image is "
                                                  "connected, and the latent_mask size."}),
@@ -83,9 +91,10 @@ class AttnEditMaskFromAttention:
 
     def make(self, attention, mode, words="", branch="target", image_index=-1, threshold=local_blend.THRESHOLD,
              dilation=local_blend.DILATION, phi=instant.PHI, gamma1=instant.GAMMA1, gamma2=instant.GAMMA2,
+             clusters=background.BACKGROUND_CLUSTERS, background_threshold=background.BACKGROUND_THRESHOLD,
              image=None, latent=None, scale=LATENT_SCALE):
         settings = MaskSettings(mode, tuple(split_words(words)), float(threshold), int(dilation), float(phi),
-                                float(gamma1), float(gamma2))
+                                float(gamma1), float(gamma2), int(clusters), float(background_threshold))
         return wrap_errors(NODE, _make, attention, settings, branch, image_index, image, latent, scale)
 
 

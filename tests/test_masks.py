@@ -237,3 +237,29 @@ def test_node_on_a_real_inversion_store(tiny):
     blend, _, _ = call_node("AttnEditMaskFromAttention", attention=store, mode="local blend", words="cat",
                             threshold=0.0)
     assert blend.min() == 1, "threshold 0 keeps every cell with attention"
+
+
+def test_background_mode_recovers_a_planted_background(tiny):
+    """Mode "background" (DPL Sec. 3.3) through the node: a store whose 32x32-level self-attention has two planted
+    segments and whose noun map covers one of them gives exactly the other segment as background."""
+    from conftest import call_node
+
+    store_mod, tokens = pkg("attention.store"), pkg("attention.tokens")
+    prompt = tokens.tokenize_prompt(tiny.clip, "a photo of a cat")
+    obj = torch.zeros(8, 8)
+    obj[:4, :4] = 1  # object segment on the 8x8 self-attention grid of a 16x16 latent
+    flat = obj.flatten()
+    same = (flat[:, None] == flat[None, :]).float()
+    self_attention = same / same.sum(-1, keepdim=True)
+    cross = torch.full((1, 4, 4, 77), 0.01)
+    cross[0, :2, :2, 5] = 1.0  # "cat" attends to the object's 2x2 cells of the 4x4 map
+    store = store_mod.AttentionStore({4: cross}, ("source",), (prompt,), (16, 16), 4, {2: self_attention[None]})
+    mask, latent_mask, _ = call_node("AttnEditMaskFromAttention", attention=store, mode="background", words="cat")
+    expected = torch.ones(16, 16)
+    expected[:8, :8] = 0
+    assert torch.equal(latent_mask[0], expected) and mask.shape == (1, 128, 128)
+    with pytest.raises(ValueError, match="needs `words`: the nouns"):
+        call_node("AttnEditMaskFromAttention", attention=store, mode="background")
+    no_self = store_mod.AttentionStore({4: cross}, ("source",), (prompt,), (16, 16), 4)
+    with pytest.raises(ValueError, match="turn on `capture_self_attention` in Invert Image"):
+        call_node("AttnEditMaskFromAttention", attention=no_self, mode="background", words="cat")
