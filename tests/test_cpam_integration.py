@@ -122,6 +122,22 @@ def test_patched_model_outside_the_edit_sampler_is_bit_identical(tiny):
     assert torch.equal(plain, hooked)
 
 
+def test_a_foreign_cross_attention_patch_after_cpam_never_sees_the_null_tokens(tiny, inversion):
+    seen = []
+
+    def foreign(q, k, v, extra_options):  # another pack's attn2 replace at one site, added after CPAM
+        from comfy.ldm.modules.attention import optimized_attention
+
+        seen.append(k.shape[1])
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    model, _ = patch(tiny, inversion, "replace object", target="a photo of a dog on a sofa")
+    model = model.clone()
+    model.set_model_attn2_replace(foreign, "input", 1, 0)
+    assert torch.isfinite(edit(model, inversion)[0]["samples"]).all()
+    assert seen and set(seen) == {77}  # the prompt's 77 tokens only (154 with the null tokens appended)
+
+
 # ------------------------------------------------------------------------------------------------ equations
 def test_self_attention_follows_eq_1_to_3_on_every_recorded_call(tiny, inversion):
     mask = box_mask()
