@@ -74,12 +74,29 @@ def _make_call(q, k, v, extra_options: dict, kind: str) -> AttnCall:
                     extra_options.get(keys.RUN), sigma)
 
 
+def _split_extra(k, v, extra_options):
+    """Separate the tokens appended by context patchers (attn2_context_patch) from the prompt's own tokens."""
+    appended = extra_options.get(keys.CONTEXT_EXTRA)
+    if not appended:
+        return k, v, {}
+    total = sum(n for _, n in appended)
+    extra, start = {}, k.shape[1] - total
+    for name, n in appended:
+        extra[name] = (k[:, start:start + n], v[:, start:start + n])
+        start += n
+    return k[:, :k.shape[1] - total], v[:, :v.shape[1] - total], extra
+
+
 def _dispatch(q, k, v, extra_options, kind):
     controllers = extra_options.get(keys.CONTROLLERS, ())
     run = extra_options.get(keys.RUN)
+    extra = {}
+    if kind == "cross":
+        k, v, extra = _split_extra(k, v, extra_options)
     if not controllers and run is None:
         return default_attention(q, k, v, extra_options["n_heads"], extra_options)
     call = _make_call(q, k, v, extra_options, kind)
+    call.extra = extra
     return dispatch(call, controllers, lambda: default_attention(q, k, v, call.heads, extra_options))
 
 
@@ -114,6 +131,11 @@ def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None
                 log.warning("Attention Edit: %s %s already patched by another node; leaving it alone", name, site.key)
                 continue
             setter(fn, site.block, site.index, site.depth)
+    if sites:  # where attn2_context_patch may extend the context: only sites whose dispatcher strips it again
+        options = model_patcher.model_options["transformer_options"]
+        attn2 = options.get("patches_replace", {}).get("attn2", {})
+        options[keys.DISPATCHED_SITES] = frozenset(key for key, fn in attn2.items()
+                                                   if getattr(fn, keys.DISPATCH_MARK, False))
 
 
 def add_controller(model, controller: Controller):
@@ -130,6 +152,47 @@ def add_step_hook(model, hook):
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     options[keys.STEP_HOOKS] = tuple(options.get(keys.STEP_HOOKS, ())) + (hook,)
+    return clone
+
+
+# --------------------------------------------------------------------------------------------------- context patches
+def attn2_context_patch(n, context, value, extra_options):
+    """attn2_patch (pre-projection) that appends the context patchers' extra tokens to the cross-attention context.
+
+    Each patcher in keys.CONTEXT_PATCHES is asked `extra_context(run)` -> ((name, tensor [1 or R, T', E]), ...); the
+    tokens are appended after the prompt's tokens of every row and their counts recorded in this block call's
+    `extra_options` (the dict the replace patch receives next), so `_dispatch` splits them off again: controllers
+    see the prompt as usual plus `call.extra[name] = (k, v)`. Only at sites routed through our dispatcher and only
+    inside our samplers (a RunState is present); everywhere else the context passes unchanged.
+    """
+    run = extra_options.get(keys.RUN)
+    patchers = extra_options.get(keys.CONTEXT_PATCHES, ())
+    block = extra_options.get("block") or ("unknown", 0)
+    site = (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
+    if run is None or not patchers or site not in extra_options.get(keys.DISPATCHED_SITES, ()):
+        return n, context, value
+    pieces, appended = [], []
+    for patcher in patchers:
+        for name, tokens in patcher.extra_context(run):
+            tokens = tokens.to(device=context.device, dtype=context.dtype)
+            pieces.append(tokens.expand(context.shape[0], -1, -1) if tokens.shape[0] == 1 else tokens)
+            appended.append((name, tokens.shape[1]))
+    if not pieces:
+        return n, context, value
+    extra_options[keys.CONTEXT_EXTRA] = tuple(appended)
+    value = context if value is None else value
+    return n, torch.cat([context, *pieces], 1), torch.cat([value, *pieces], 1)
+
+
+def add_context_patch(model, patcher):
+    """A clone of `model` whose cross-attention context gets `patcher.extra_context(run)` appended (see
+    attn2_context_patch); every site is dispatched. Models without context patchers are unaffected."""
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    options[keys.CONTEXT_PATCHES] = tuple(options.get(keys.CONTEXT_PATCHES, ())) + (patcher,)
+    if attn2_context_patch not in options.get("patches", {}).get("attn2_patch", []):
+        clone.set_model_attn2_patch(attn2_context_patch)
+    install_dispatch(clone)
     return clone
 
 

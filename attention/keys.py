@@ -10,3 +10,6 @@ RUN = "attnedit_run"  # RunState of the sampling call in progress (set by the no
 CONTROLLERS = "attnedit_controllers"  # tuple[Controller, ...] appended by patch nodes (AttentionHook, CPAM, ...)
 STEP_HOOKS = "attnedit_step_hooks"  # tuple[StepHook, ...] run by the edit sampler around every denoising step
 DISPATCH_MARK = "attnedit_dispatch"  # attribute set on our replace functions so we recognise our own patches
+CONTEXT_PATCHES = "attnedit_context_patches"  # tuple of context patchers extending the cross-attention context (CPAM)
+CONTEXT_EXTRA = "attnedit_context_extra"  # per block call: ((name, tokens), ...) appended after the prompt tokens
+DISPATCHED_SITES = "attnedit_dispatched_sites"  # frozenset of attn2 site keys routed through our dispatcher

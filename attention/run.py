@@ -95,6 +95,7 @@ class RunState:
     roles: tuple[str, ...]
     capture: CaptureSpec | None = None
     step: int = 0
+    image: int = 0  # which image of the node's batch this call processes (samplers run image by image)
     # Wrapper knobs for the next UNet calls (see attention/hooks.py: unet wrapper)
     context_override: dict[int, torch.Tensor] = field(default_factory=dict)
     compute_labels: frozenset[int] | None = None
@@ -149,7 +150,7 @@ class RunState:
 
     def captured(self) -> RunState:
         """A detached copy holding only what was captured (survives `clear`)."""
-        snap = RunState(self.sigmas, self.roles, capture=self.capture)
+        snap = RunState(self.sigmas, self.roles, capture=self.capture, image=self.image)
         snap.sums, snap.counts, snap.grids = dict(self.sums), dict(self.counts), dict(self.grids)
         return snap
 
@@ -180,6 +181,9 @@ class AttnCall:
     run: RunState | None
     sigma: float
     _probs: torch.Tensor | None = None
+    # Cross-attention only: {name: (k, v)} of context tokens that context patchers appended after the prompt's
+    # tokens (hooks.add_context_patch); q/k/v above hold the prompt's tokens only.
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def step(self) -> int | None:

@@ -144,7 +144,7 @@ def edit_image(model, trajectory, image: int, target: list, hooks: Sequence[edit
     roles = ("source", "target")
     positive = stack_conditioning([trajectory.source, target], ["inversion source", "target"])
     sigmas = trajectory.sigmas
-    run = RunState(sigmas, roles, capture=capture or CaptureSpec())
+    run = RunState(sigmas, roles, capture=capture or CaptureSpec(), image=image)
     latent = torch.zeros((2, *trajectory.latents.shape[2:]))
     box: dict = {}
 

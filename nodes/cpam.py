@@ -1,0 +1,184 @@
+"""AttnEditCPAMSelfAttn: CPAM (Vo et al.) as a MODEL patch for the Attention Edit Sampler (schema and plumbing only;
+the maths is in attention/cpam.py and masks/cpam.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention import cpam, hooks
+from ..attention.tokens import split_words, tokenize_prompt, word_token_ids
+from ..inversion import comfy_model
+from ..inversion.conditioning import context_of
+from ..masks import cpam as cpam_masks
+from ..masks.ops import as_mask_batch, aspect_mismatch, mask_to_grid
+from .common import AttnEditError, check_inversion_model, wrap_errors
+from .types import CAT_TECHNIQUES, INVERSION
+
+log = logging.getLogger("attention_edit")
+NODE = "CPAM Self-Attention"
+STRATEGY_HELP = (
+    "edit object (keep identity): change pose/view, the object keeps its look (Eq. 2 after start_step/layer). "
+    "replace object: new object in the masked area, background kept. remove object: every pixel attends the "
+    "background only (target_prompt is ignored). change background: the mask is the object to KEEP; the rest "
+    "follows target_prompt. regional prompts: inside the mask target_prompt, outside background_prompt.")
+
+
+class AttnEditCPAMSelfAttn:
+    DESCRIPTION = (
+        "CPAM (Vo et al., Context-Preserving Adaptive Manipulation) for real images: patches a copy of the MODEL so "
+        "that, in Attention Edit Sampler, the edited branch takes background (and, when kept, object) content from "
+        "the inversion through masked self-attention, while only the masked region listens to the target prompt "
+        "(the rest attends the null text). Connect an Invert Image made with null_text (the paper's setting), a mask "
+        "of the object and a target prompt; pick a strategy.")
+    CATEGORY = CAT_TECHNIQUES
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL", "CONDITIONING")
+    RETURN_NAMES = ("model", "target")
+    OUTPUT_TOOLTIPS = ("Patched copy of the model: connect to Attention Edit Sampler (the input MODEL is unchanged).",
+                       "The target prompt's conditioning (the sampler takes it from the model automatically).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to patch (a copy is patched); the checkpoint that made the "
+                                               "inversion."}),
+                "inversion": (INVERSION, {"tooltip": "From Invert Image (null_text as in the paper). Its latents are "
+                                                     "the intermediate latents z_i whose keys/values are kept."}),
+                "clip": ("CLIP", {"tooltip": "Text encoder of the same checkpoint."}),
+                "source_mask": ("MASK", {"tooltip": "The object (white = object), any size; one mask, or one per "
+                                                    "image. For 'change background' the object to keep."}),
+                "target_prompt": ("STRING", {"multiline": True, "default": "a photo of a cat standing on a sofa",
+                                             "tooltip": "The edited caption (what the masked region should show)."}),
+                "strategy": (list(cpam.STRATEGIES), {"default": "edit object (keep identity)",
+                                                     "tooltip": STRATEGY_HELP}),
+            },
+            "optional": {
+                "object_words": ("STRING", {"default": "", "tooltip": "Words of target_prompt naming the object, "
+                                                                      "e.g. \"cat\": after refine_step the target "
+                                                                      "mask follows their attention (edit/replace). "
+                                                                      "Empty = the mask is cloned from source_mask."}),
+                "background_prompt": ("STRING", {"multiline": True, "default": "",
+                                                 "tooltip": "regional prompts only: what the region outside the "
+                                                            "mask attends instead of the null text."}),
+                "start_step": ("INT", {"default": cpam.START_STEP, "min": 0, "max": 1000,
+                                       "tooltip": "S: object keys/values come from the inversion from this step on "
+                                                  "(edit object only; paper 3). Lower = closer to the original "
+                                                  "object, higher = freer pose."}),
+                "start_layer": ("INT", {"default": cpam.START_LAYER, "min": 0, "max": 100,
+                                        "tooltip": "L: ... and from this transformer block on (0-15 for SD1.5 in "
+                                                   "forward order; paper 8 = decoder from the 2nd 16x16 block)."}),
+                "refine_step": ("INT", {"default": cpam_masks.REFINE_START_STEP, "min": 0, "max": 1000,
+                                        "tooltip": "T_m: the first steps use source_mask itself; afterwards the "
+                                                   "target mask (expanded clone or refined from object_words)."}),
+                "refine_threshold": ("FLOAT", {"default": cpam_masks.REFINE_THRESHOLD, "min": 0.0, "max": 1.0,
+                                               "step": 0.01, "tooltip": "Refinement: normalised attention above "
+                                                                        "which a pixel belongs to the object."}),
+                "mask_expand": ("FLOAT", {"default": cpam_masks.MASK_EXPAND_SCALE, "min": 0.0, "max": 1.0,
+                                          "step": 0.01, "tooltip": "Cloned target mask = source mask dilated by "
+                                                                   "this fraction of its size (0 = exact clone)."}),
+                "free_layers": ("FLOAT", {"default": cpam.FREE_LAYER_RATIO, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Fraction of blocks that use normal self-attention at each "
+                                                     "step (picked at random from `seed`) for a coherent result."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+                                 "tooltip": "Seed of the random choice of free_layers (same seed = same result)."}),
+                "localized_extraction": ("BOOLEAN", {"default": True,
+                                                     "tooltip": "Outside the mask, cross-attention sees only the "
+                                                                "null text (Eq. 4). Off = the whole image hears "
+                                                                "target_prompt (the paper's ablation)."}),
+            },
+        }
+
+    def patch(self, model, inversion, clip, source_mask, target_prompt, strategy, object_words="",
+              background_prompt="", start_step=cpam.START_STEP, start_layer=cpam.START_LAYER,
+              refine_step=cpam_masks.REFINE_START_STEP, refine_threshold=cpam_masks.REFINE_THRESHOLD,
+              mask_expand=cpam_masks.MASK_EXPAND_SCALE, free_layers=cpam.FREE_LAYER_RATIO, seed=0,
+              localized_extraction=True):
+        knobs = dict(object_words=object_words, background_prompt=background_prompt, start_step=start_step,
+                     start_layer=start_layer, refine_step=refine_step, refine_threshold=refine_threshold,
+                     mask_expand=mask_expand, free_layers=free_layers, seed=seed,
+                     localized_extraction=localized_extraction)
+        return wrap_errors(NODE, _patch, model, inversion, clip, source_mask, target_prompt, strategy, **knobs)
+
+
+def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs):
+    comfy_model.require_family(model, NODE)
+    check_inversion_model(NODE, inversion, model, comfy_model.model_fingerprint(model))
+    if strategy not in cpam.STRATEGIES:
+        raise AttnEditError(NODE, f"`strategy` {strategy!r} is unknown; choose one of {', '.join(cpam.STRATEGIES)}")
+    spec = cpam.STRATEGIES[strategy]
+    source, target_static = _masks(source_mask, inversion, spec, knobs["mask_expand"])
+    target_tokens = tokenize_prompt(clip, target_prompt)
+    words = _object_tokens(clip, target_tokens, knobs["object_words"], spec)
+    region = None
+    if spec.outside == "region":
+        if not knobs["background_prompt"].strip():
+            raise AttnEditError(NODE, "strategy 'regional prompts' needs `background_prompt` (what the region "
+                                      "outside the mask should show), e.g. \"a snowy forest\"")
+        region = context_of(comfy_model.encode_text(clip, knobs["background_prompt"]), "background_prompt")
+    layers = cpam.layer_numbering([(s.block, s.index) for s in hooks.unet_sites(model)])
+    device = comfy_model.intermediate_device()
+    controller = cpam.CPAMController(
+        strategy=spec, source_masks=source.to(device), target_masks=target_static.to(device), layers=layers,
+        free_layers=cpam.free_layer_table(knobs["seed"], inversion.steps, len(layers), knobs["free_layers"]),
+        null_context=context_of(inversion.negative, "inversion negative prompt").to(device),
+        region_context=None if region is None else region.to(device), start_step=int(knobs["start_step"]),
+        start_layer=int(knobs["start_layer"]), refine_step=int(knobs["refine_step"]),
+        localized=bool(knobs["localized_extraction"]), source_text=inversion.source_prompt,
+        target_text=target_prompt, target_tokens=target_tokens,
+        target_conditioning=comfy_model.encode_text(clip, target_prompt))
+    patched = hooks.add_controller(model, controller)
+    if controller.extra_name is not None:
+        patched = hooks.add_context_patch(patched, controller)
+    if words:
+        patched = hooks.add_step_hook(patched, cpam.CPAMMaskRefine(words, int(knobs["refine_step"]),
+                                                                   float(knobs["refine_threshold"])))
+    return (patched, controller.target_conditioning)
+
+
+def _masks(source_mask, inversion, spec: cpam.Strategy, expand: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M_s, static M_t), float [B, h, w] at latent resolution, with the documented checks."""
+    masks = as_mask_batch(source_mask, inversion.batch, "source_mask")
+    latent_hw = inversion.latent_hw
+    if aspect_mismatch(tuple(masks.shape[-2:]), latent_hw):
+        log.warning("%s: source_mask is %dx%d but the image is %dx%d; the mask is stretched to the image", NODE,
+                    masks.shape[-1], masks.shape[-2], latent_hw[1] * 8, latent_hw[0] * 8)
+    source = mask_to_grid(masks, latent_hw)[:, 0]
+    if spec.invert_mask:
+        source = 1.0 - source
+    inside = cpam_masks.binarize(source).flatten(1).sum(1)
+    cells = latent_hw[0] * latent_hw[1]
+    for i, count in enumerate(inside.tolist()):
+        if count == 0:
+            what = "covers the whole image (nothing left to change)" if spec.invert_mask else "is empty"
+            raise AttnEditError(NODE, f"`source_mask` {what} for image {i}: no latent cell (8x8 px) is at least half "
+                                      "inside the region to edit. Paint the object in the mask editor (Load Image -> "
+                                      "Open in MaskEditor) or connect a segmentation mask; white = object.")
+        if spec.background_only and count == cells:
+            raise AttnEditError(NODE, f"`source_mask` covers the whole image {i}: 'remove object' fills the object "
+                                      "from the background, so some background must stay unmasked.")
+    if spec.target_mask == "expand":
+        target = cpam_masks.expand_mask(source[:, None], expand)[:, 0]
+    elif spec.target_mask == "empty":
+        target = torch.zeros_like(source)
+    else:
+        target = source
+    return source, target
+
+
+def _object_tokens(clip, target_tokens, object_words: str, spec: cpam.Strategy) -> tuple[int, ...]:
+    words = split_words(object_words)
+    if not words:
+        return ()
+    if not spec.refine:
+        log.info("%s: object_words are only used by the edit/replace strategies; ignored for %r", NODE, spec.name)
+        return ()
+    positions: set[int] = set()
+    for word in words:
+        positions.update(target_tokens.find(word_token_ids(clip, word), word, "target prompt"))
+    return tuple(sorted(positions))
+
+
+NODES = {"AttnEditCPAMSelfAttn": (AttnEditCPAMSelfAttn, "CPAM Self-Attention (Attention Edit)")}
