@@ -273,17 +273,22 @@ TEST_NODES = {"AttnEditTestTinyCheckpoint": AttnEditTestTinyCheckpoint,
 # cores but ~0.05 s at 16x16, so images are staged at SMOKE_IMAGE_SIZE and iteration knobs are capped. Technique
 # nodes add their expensive knobs here (input name -> cap).
 SMOKE_IMAGE_SIZE = 128
-SMOKE_CAPS = {"steps": 8, "inner_steps": 2, "width": SMOKE_IMAGE_SIZE, "height": SMOKE_IMAGE_SIZE,
+SMOKE_CAPS = {"steps": 8, "inner_steps": 2,
               "token_iterations": 2, "null_text_iterations": 2,  # DPL
               "seeds": 2,  # InstDiffEdit
               "max_iterations": 2, "guidance_steps": 2, "blend_steps": 2}  # MAG-Edit Guidance
+
+
+# Per node type: core nodes whose size inputs would undo the smoke image size (masks may keep any size: the pack
+# aligns every MASK to the latent grid).
+SMOKE_NODE_CAPS = {"ImageScale": {"width": SMOKE_IMAGE_SIZE, "height": SMOKE_IMAGE_SIZE}}
 
 
 def cap_for_smoke(prompt: dict) -> list[str]:
     """Cap the expensive inputs of an API-format prompt in place; returns 'node.input' names that were lowered."""
     lowered = []
     for nid, node in prompt.items():
-        for name, cap in SMOKE_CAPS.items():
+        for name, cap in {**SMOKE_CAPS, **SMOKE_NODE_CAPS.get(node["class_type"], {})}.items():
             value = node["inputs"].get(name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
                 node["inputs"][name] = type(value)(cap)

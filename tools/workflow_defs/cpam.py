@@ -73,7 +73,7 @@ def background_change(g):
 
 
 WORKFLOWS = {
-    "cpam_object_removal": object_removal,
-    "cpam_pose_change": pose_change,
-    "cpam_background_change": background_change,
+    "08_cpam_object_removal": object_removal,
+    "09_cpam_pose_change": pose_change,
+    "10_cpam_background_change": background_change,
 }

@@ -34,4 +34,4 @@ def dpl_word_swap(g):
            "the best values can vary per image.")
 
 
-WORKFLOWS = {"09_dpl_word_swap": dpl_word_swap}
+WORKFLOWS = {"14_dpl_word_swap": dpl_word_swap}

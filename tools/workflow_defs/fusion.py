@@ -62,6 +62,6 @@ def embctrl_colour_change(g):
 
 
 WORKFLOWS = {
-    "masafusion_canny_shape_change": canny_shape_change,
-    "masafusion_embctrl_colour_change": embctrl_colour_change,
+    "11_masafusion_canny_shape_change": canny_shape_change,
+    "12_embctrl_colour_change": embctrl_colour_change,
 }

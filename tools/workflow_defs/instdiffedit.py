@@ -26,4 +26,4 @@ def instdiffedit(g):
            "seeds 3, cfg 7.5. The mask output shows what was edited; paste_back copies the untouched pixels back.")
 
 
-WORKFLOWS = {"instdiffedit": instdiffedit}
+WORKFLOWS = {"13_instdiffedit": instdiffedit}

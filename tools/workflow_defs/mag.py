@@ -39,4 +39,4 @@ def mag_edit(g):
            "5. Attention Edit Sampler, decode. Attention Heat Maps shows where 'white' attends in the result.")
 
 
-WORKFLOWS = {"05_mag_edit": mag_edit}
+WORKFLOWS = {"07_mag_edit": mag_edit}

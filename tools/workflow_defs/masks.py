@@ -51,6 +51,6 @@ def sam_mask_inpaint(g):
 
 
 WORKFLOWS = {
-    "mask_attention_inpaint": attention_mask_inpaint,
-    "mask_sam_inpaint": sam_mask_inpaint,
+    "05_attention_mask_inpaint": attention_mask_inpaint,
+    "06_sam_mask_inpaint": sam_mask_inpaint,
 }
