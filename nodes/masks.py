@@ -53,7 +53,8 @@ class AttnEditMaskFromAttention:
             "optional": {
                 "words": ("STRING", {"default": "", "tooltip": "Comma-separated words of the prompt. local blend: "
                                                                "required. instant: optional, forces the object word "
-                                                               "instead of finding it."}),
+                                                               "instead of finding it. background: the nouns "
+                                                               "(required)."}),
                 "branch": (["target", "source"], {"default": "target",
                                                   "tooltip": "Which branch's attention (stores from Invert Image "
                                                              "only have the source)."}),
