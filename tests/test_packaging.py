@@ -10,6 +10,8 @@ import tomllib
 from conftest import HOST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+with open(os.path.join(ROOT, "README.md")) as _f:
+    README = _f.read()
 MATH_PACKAGES = {"attention": "hooks.py", "inversion": "comfy_model.py", "masks": "comfy_io.py"}
 HOST_MODULES = {"comfy", "nodes", "folder_paths", "server", "execution", "latent_preview", "comfy_extras",
                 "comfy_api", "node_helpers"}
@@ -72,6 +74,7 @@ def test_every_node_is_registered_with_a_valid_schema():
         assert len(names) == len(cls.RETURN_TYPES)
         assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), node_id
         assert cls.CATEGORY.startswith("Attention Edit/") and len(cls.DESCRIPTION) > 40
+        assert f"(`{node_id}`)" in README, f"{node_id} is missing from the README's node table"
 
 
 def test_math_packages_reach_comfyui_only_through_their_adapter():

@@ -4,6 +4,7 @@ the headless runner gives one-line errors for bad arguments."""
 import glob
 import json
 import os
+import re
 
 import pytest
 import run_workflow
@@ -22,6 +23,14 @@ def node_defs():
 
 def test_there_are_workflows():
     assert len(WORKFLOWS) >= 4
+
+
+def test_readme_workflow_table_lists_exactly_the_shipped_workflows():
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        readme = f.read()
+    table = readme[readme.index("## Workflows"):readme.index("## Troubleshooting")]
+    listed = set(re.findall(r"^\| `([0-9]{2}_[a-z0-9_]+\.json)`", table, re.M))
+    assert listed == {os.path.basename(p) for p in WORKFLOWS}
 
 
 def test_workflows_are_generated_from_current_node_definitions():
