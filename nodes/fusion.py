@@ -68,7 +68,8 @@ class AttnEditFusionWithAdapter:
             },
             "optional": {
                 "adapter": ("CONDITIONING", {"tooltip": "Output of core Apply ControlNet (Advanced) carrying a "
-                                                        "T2I-Adapter (Load ControlNet Model) and its hint image. "
+                                                        "T2I-Adapter (Load ControlNet Model; an SDXL adapter for "
+                                                        "SDXL) and its hint image. "
                                                         "Only the adapter is used (the prompt comes from "
                                                         "target_prompt). Unconnected: adapter-free variant."}),
                 "source_prompt": ("STRING", {"multiline": True, "default": "",
