@@ -11,7 +11,8 @@ Null the null text (the step's unconditional context ∅_t).
 Layers: the paper's layer l is the index of the transformer block (SpatialTransformer) in the UNet's forward order,
 as in MasaCtrl and the author's code: SD1.x/SD2.x input 1, 2, 4, 5, 7, 8 -> 0-5, middle -> 6, output 3-11 -> 7-15, so
 L = 8 means output blocks 4-11. SDXL's 11 blocks get 0-10 the same way (all transformer depths of a block share its
-index). Steps and layers are 0-based and the gates are "step >= S and layer >= L", which equals the paper's
+index); the paper's position (the decoder from its second block at the semantic level) is L = 6 there, see
+`paper_start_layer`. Steps and layers are 0-based and the gates are "step >= S and layer >= L", which equals the paper's
 "t > T and l > L" read 1-based (and the author's code).
 """
 
@@ -77,6 +78,20 @@ def layer_numbering(blocks: list[tuple[str, int]]) -> dict[tuple[str, int], int]
     for key in blocks:
         numbering.setdefault(key, len(numbering))
     return numbering
+
+
+def paper_start_layer(sites: list[tuple[str, int, int]]) -> int:
+    """The paper's L for any UNet: the layer index of the decoder's second transformer block at the semantic level.
+
+    sites: (block, index, level) of every attention site in forward order. SD1.x / SD2.x: output block 4 -> 8 (the
+    paper's L = 8, Sec. 3.3); SDXL (no attention at the latent resolution, three 32x32 decoder blocks at 1024 px):
+    output block 1 -> 6. Falls back to START_LAYER when the decoder has fewer than two blocks at that level.
+
+    Differences: the paper gives L = 8 for SD1.5 only; the same architectural position is used for other families.
+    """
+    numbering = layer_numbering([(b, i) for b, i, _ in sites])
+    decoder = list(dict.fromkeys((b, i) for b, i, level in sites if b == "output" and level == SEMANTIC_LEVEL))
+    return numbering[decoder[1]] if len(decoder) >= 2 else START_LAYER
 
 
 def free_layer_count(layers: int, ratio: float = FREE_LAYER_RATIO) -> int:

@@ -8,6 +8,11 @@ embeddings and takes the target's only where the tokens changed:
     C~^T = { tau(S)_1, ..., tau(T)_i, ..., tau(S)_77 }   (i: the changed token positions).
 
 Notation: T = 77 token positions, E embedding width (768 SD1, 1024 SD2, 2048 SDXL clip_l + clip_g).
+
+SDXL: both encoders' hidden states share the token positions (they are concatenated along E), so Eq. 12 picks whole
+rows and treats clip_l and clip_g alike. The pooled vector (clip_g's projected end-of-text state, a global UNet input)
+has no token position; `control_options` takes the source's by default, as Eq. 12 keeps the source's end-of-text
+embedding.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .seq_align import global_align
 from .tokens import CHUNK, PromptError, PromptTokens
 
 ALIGNMENTS = ("align tokens", "same token count only")
+POOLED = ("source", "target")  # which prompt's pooled output the EmbCtrl conditioning carries (SDXL reads it)
 
 
 def _end(tokens: PromptTokens) -> int:
@@ -75,6 +81,21 @@ def control_embedding(source: torch.Tensor, target: torch.Tensor, index: torch.T
     keep = (index >= 0).to(source.device)
     gathered = source[:, index.clamp_min(0).to(source.device)]
     return torch.where(keep.view(1, -1, 1), gathered.to(target.dtype), target)
+
+
+def control_options(source: dict, target: dict, pooled: str = POOLED[0]) -> dict:
+    """The conditioning options of C~^T: the target's, with the source's pooled output when `pooled` is "source".
+
+    Differences: Eq. 12 covers the token embeddings only (SD1.5 has no pooled input); for SDXL the pooled vector is
+    made from the end-of-text token, which Eq. 12 keeps from the source, so the source's pooled output is the
+    consistent default.
+    """
+    if pooled not in POOLED:
+        raise PromptError(f"`pooled` {pooled!r} is unknown; choose {' or '.join(POOLED)}")
+    options = dict(target)
+    if pooled == POOLED[0] and source.get("pooled_output") is not None:
+        options["pooled_output"] = source["pooled_output"]
+    return options
 
 
 def describe(target: PromptTokens, index: torch.Tensor) -> str:

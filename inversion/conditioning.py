@@ -7,9 +7,15 @@ with all of ComfyUI's per-model handling (SDXL pooled/size conditioning, Control
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# SDXL's size conditioning (ComfyUI CLIPTextEncodeSDXL options; absent = the image size, no crop)
+SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 
 
 class ConditioningError(ValueError):
@@ -37,13 +43,38 @@ def repeat_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return t.repeat(1, length // t.shape[1], 1)
 
 
-def stack_conditioning(conds: list[list], names: list[str]) -> list:
+def size_conditioning(options: dict, image_hw: tuple[int, int]) -> dict:
+    """The SDXL size conditioning an entry gives the UNet for an image of `image_hw` px (ComfyUI's defaults filled)."""
+    width, height = options.get("width", image_hw[1]), options.get("height", image_hw[0])
+    return {"width": width, "height": height, "crop_w": options.get("crop_w", 0), "crop_h": options.get("crop_h", 0),
+            "target_width": options.get("target_width", width), "target_height": options.get("target_height", height)}
+
+
+def stack_conditioning(conds: list[list], names: list[str], image_hw: tuple[int, int] | None = None) -> list:
     """One CONDITIONING whose batch row i is conds[i] (each one entry). Options come from the last (target) entry;
-    pooled outputs are stacked row-wise; token lengths are padded to their lcm by repetition."""
+    pooled outputs are stacked row-wise; token lengths are padded to their lcm by repetition.
+
+    SDXL's size conditioning (SIZE_KEYS) is one value for the whole batch, so it is the FIRST entry's (the inversion's
+    source prompt: its branch must see what the inversion saw). When `image_hw` (px) is given and another entry asks
+    for different sizes (CLIPTextEncodeSDXL), that is logged: those sizes are not applied.
+    """
     entries = [single_entry(c, n) for c, n in zip(conds, names)]
     length = math.lcm(*(t.shape[1] for t, _ in entries))
     tensor = torch.cat([repeat_tokens(t, length) for t, _ in entries])
     options = dict(entries[-1][1])
+    first = entries[0][1]
+    for key in SIZE_KEYS:
+        options.pop(key, None)
+        if key in first:
+            options[key] = first[key]
+    if image_hw is not None:
+        used = size_conditioning(first, image_hw)
+        for (_, opts), name in zip(entries[1:], names[1:]):
+            asked = size_conditioning(opts, image_hw)
+            if asked != used:
+                log.warning("Attention Edit: `%s` asks for SDXL size conditioning %s; every branch is sampled in one "
+                            "batch with the source's %s (the image size), so it is not applied. Use CLIPTextEncode "
+                            "or the image's size in CLIPTextEncodeSDXL.", name, asked, used)
     pooled = [o.get("pooled_output") for _, o in entries]
     if all(p is not None for p in pooled):
         options["pooled_output"] = torch.cat(pooled)

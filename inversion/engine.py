@@ -142,7 +142,8 @@ def edit_image(model, trajectory, image: int, target: list, hooks: Sequence[edit
     hooks' state dict).
     """
     roles = ("source", "target")
-    positive = stack_conditioning([trajectory.source, target], ["inversion source", "target"])
+    image_hw = (trajectory.latent_hw[0] * 8, trajectory.latent_hw[1] * 8)
+    positive = stack_conditioning([trajectory.source, target], ["inversion source", "target"], image_hw)
     sigmas = trajectory.sigmas
     run = RunState(sigmas, roles, capture=capture or CaptureSpec(), image=image)
     latent = torch.zeros((2, *trajectory.latents.shape[2:]))

@@ -18,6 +18,7 @@ from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
 NODE = "CPAM Self-Attention"
+AUTO_LAYER = -1  # start_layer: the paper's position for the connected model (attention/cpam.py paper_start_layer)
 STRATEGY_HELP = (
     "edit object (keep identity): change pose/view, the object keeps its look (Eq. 2 after start_step/layer). "
     "replace object: new object in the masked area, background kept. remove object: every pixel attends the "
@@ -67,9 +68,12 @@ class AttnEditCPAMSelfAttn:
                                        "tooltip": "S: object keys/values come from the inversion from this step on "
                                                   "(edit object only; paper 3). Lower = closer to the original "
                                                   "object, higher = freer pose."}),
-                "start_layer": ("INT", {"default": cpam.START_LAYER, "min": 0, "max": 100,
-                                        "tooltip": "L: ... and from this transformer block on (0-15 for SD1.5 in "
-                                                   "forward order; paper 8 = decoder from the 2nd 16x16 block)."}),
+                "start_layer": ("INT", {"default": AUTO_LAYER, "min": AUTO_LAYER, "max": 100,
+                                        "tooltip": "L: ... and from this transformer block on, in forward order "
+                                                   "(SD1.x/SD2.x 0-15, SDXL 0-10). -1 = the paper's position for "
+                                                   "the connected model: the decoder from its 2nd block at the "
+                                                   "semantic level (SD1.5/SD2: 8 as in the paper, SDXL: 6). Lower "
+                                                   "= more blocks keep the object's look."}),
                 "refine_step": ("INT", {"default": cpam_masks.REFINE_START_STEP, "min": 0, "max": 1000,
                                         "tooltip": "T_m: the first steps use source_mask itself; afterwards the "
                                                    "target mask (expanded clone or refined from object_words)."}),
@@ -92,7 +96,7 @@ class AttnEditCPAMSelfAttn:
         }
 
     def patch(self, model, inversion, clip, source_mask, target_prompt, strategy, object_words="",
-              background_prompt="", start_step=cpam.START_STEP, start_layer=cpam.START_LAYER,
+              background_prompt="", start_step=cpam.START_STEP, start_layer=AUTO_LAYER,
               refine_step=cpam_masks.REFINE_START_STEP, refine_threshold=cpam_masks.REFINE_THRESHOLD,
               mask_expand=cpam_masks.MASK_EXPAND_SCALE, free_layers=cpam.FREE_LAYER_RATIO, seed=0,
               localized_extraction=True):
@@ -118,14 +122,17 @@ def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs
             raise AttnEditError(NODE, "strategy 'regional prompts' needs `background_prompt` (what the region "
                                       "outside the mask should show), e.g. \"a snowy forest\"")
         region = context_of(comfy_model.encode_text(clip, knobs["background_prompt"]), "background_prompt")
-    layers = cpam.layer_numbering([(s.block, s.index) for s in hooks.unet_sites(model)])
+    sites = hooks.unet_sites(model)
+    layers = cpam.layer_numbering([(s.block, s.index) for s in sites])
+    start_layer = _start_layer(int(knobs["start_layer"]), [(s.block, s.index, s.level) for s in sites], len(layers),
+                               spec)
     device = comfy_model.intermediate_device()
     controller = cpam.CPAMController(
         strategy=spec, source_masks=source.to(device), target_masks=target_static.to(device), layers=layers,
         free_layers=cpam.free_layer_table(knobs["seed"], inversion.steps, len(layers), knobs["free_layers"]),
         null_context=context_of(inversion.negative, "inversion negative prompt").to(device),
         region_context=None if region is None else region.to(device), start_step=int(knobs["start_step"]),
-        start_layer=int(knobs["start_layer"]), refine_step=int(knobs["refine_step"]),
+        start_layer=start_layer, refine_step=int(knobs["refine_step"]),
         localized=bool(knobs["localized_extraction"]), source_text=inversion.source_prompt,
         target_text=target_prompt, target_tokens=target_tokens,
         target_conditioning=comfy_model.encode_text(clip, target_prompt))
@@ -136,6 +143,16 @@ def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs
         patched = hooks.add_step_hook(patched, cpam.CPAMMaskRefine(words, int(knobs["refine_step"]),
                                                                    float(knobs["refine_threshold"])))
     return (patched, controller.target_conditioning)
+
+
+def _start_layer(value: int, sites: list[tuple[str, int, int]], count: int, spec: cpam.Strategy) -> int:
+    """The layer L of Eq. 2: `value`, or the paper's position for this model when it is AUTO_LAYER (-1)."""
+    if value < 0:
+        return cpam.paper_start_layer(sites)
+    if spec.retain_object and value >= count:
+        log.warning("%s: start_layer %d is past the model's last transformer block (%d blocks, 0-%d); the object's "
+                    "look is never kept. Use -1 for the paper's position.", NODE, value, count, count - 1)
+    return value
 
 
 def _masks(source_mask, inversion, spec: cpam.Strategy, expand: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,7 +68,8 @@ class AttnEditFusionWithAdapter:
             },
             "optional": {
                 "adapter": ("CONDITIONING", {"tooltip": "Output of core Apply ControlNet (Advanced) carrying a "
-                                                        "T2I-Adapter (Load ControlNet Model) and its hint image. "
+                                                        "T2I-Adapter (Load ControlNet Model; an SDXL adapter for "
+                                                        "SDXL) and its hint image. "
                                                         "Only the adapter is used (the prompt comes from "
                                                         "target_prompt). Unconnected: adapter-free variant."}),
                 "source_prompt": ("STRING", {"multiline": True, "default": "",
@@ -102,6 +103,7 @@ class AttnEditFusionWithAdapter:
         batch, (h, w) = inversion.batch, inversion.latent_hw
         regions = _regions(mask, batch, (h, w))
         control = _adapter_control(adapter)
+        _check_adapter_family(control, comfy_model.model_family(model))
         target = comfy_model.encode_text(clip, target_prompt)
         sources = attn_fusion.ALG1_SOURCES if control is not None else attn_fusion.ALG5_SOURCES
         patched = hooks.add_controller(model, attn_fusion.MaskedSelfAttentionFusion(sources, int(start_step), layers))
@@ -153,6 +155,26 @@ def _adapter_control(adapter):
     return control
 
 
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+
+def _check_adapter_family(control, family: str) -> None:
+    """A T2I-Adapter made for another UNet family is an error (ComfyUI would add its features to the wrong layers,
+    or to matching shapes with the wrong meaning: SD1.x adapters fit SDXL's input blocks shape for shape)."""
+    while control is not None:
+        net = getattr(control, "t2i_model", None)
+        if net is not None:
+            made_for_xl = bool(getattr(net, "xl", False))
+            if made_for_xl != (family == "sdxl"):
+                kind = "an SDXL" if made_for_xl else "an SD1.x/SD2.x"
+                wanted, example = (("SDXL", "t2i-adapter-canny-sdxl-1.0") if family == "sdxl"
+                                   else ("SD1.x/SD2.x", "t2iadapter_canny_sd15v2"))
+                raise AttnEditError(FUSION, f"`adapter` carries {kind} T2I-Adapter but the MODEL is "
+                                            f"{FAMILY_NAMES.get(family, family)}; load a T2I-Adapter made for "
+                                            f"{wanted} in Load ControlNet Model (e.g. {example}).")
+        control = getattr(control, "previous_controlnet", None)
+
+
 def _control_for_image(control, index: int, batch: int):
     """The control for image `index`: a hint batch of one serves every image; a hint per image is split."""
     if control is None:
@@ -200,20 +222,32 @@ class AttnEditEmbCtrl:
                                                                     "the source embeddings. same token count only: "
                                                                     "Eq. 12 literally, other lengths are an error."}),
             },
+            "optional": {
+                "pooled": (list(embctrl.POOLED), {"default": embctrl.POOLED[0],
+                                                  "tooltip": "SDXL only (SD1.x/SD2.x UNets do not read it): the "
+                                                             "pooled text vector, a global input made from the "
+                                                             "end-of-text token. source: the source prompt's, as "
+                                                             "Eq. 12 keeps the source's end-of-text embedding "
+                                                             "(the change stays at the changed words). target: the "
+                                                             "target prompt's (a stronger, more global edit)."}),
+            },
         }
 
-    def encode(self, clip, source_prompt, target_prompt, alignment):
-        return wrap_errors(EMBCTRL, self._encode, clip, source_prompt, target_prompt, alignment)
+    def encode(self, clip, source_prompt, target_prompt, alignment, pooled=embctrl.POOLED[0]):
+        return wrap_errors(EMBCTRL, self._encode, clip, source_prompt, target_prompt, alignment, pooled)
 
-    def _encode(self, clip, source_prompt, target_prompt, alignment):
+    def _encode(self, clip, source_prompt, target_prompt, alignment, pooled):
+        if pooled not in embctrl.POOLED:
+            raise AttnEditError(EMBCTRL, f"`pooled` {pooled!r} is unknown; choose {' or '.join(embctrl.POOLED)}")
         src_tok, tgt_tok = tokenize_prompt(clip, source_prompt), tokenize_prompt(clip, target_prompt)
         index = embctrl.source_index(src_tok, tgt_tok, alignment)
-        src, _ = single_entry(comfy_model.encode_text(clip, source_prompt), "source_prompt")
+        src, src_options = single_entry(comfy_model.encode_text(clip, source_prompt), "source_prompt")
         tgt, options = single_entry(comfy_model.encode_text(clip, target_prompt), "target_prompt")
         embedding = embctrl.control_embedding(src, tgt, index)
+        options = embctrl.control_options(src_options, options, pooled)
         changed = embctrl.describe(tgt_tok, index)
         log.info("%s: target tokens from the target prompt: %s", EMBCTRL, changed)
-        return ([[embedding, dict(options)]], changed)
+        return ([[embedding, options]], changed)
 
 
 NODES = {

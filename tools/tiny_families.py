@@ -3,6 +3,9 @@
 - SDXL: comfy.model_base.SDXL (adm / size conditioning), 3 levels with transformer depths 2 and 3 (the real model has
   2 and 10), linear in/out projections, two text encoders (clip_l and clip_g, the real SDXL tokenizers) whose
   hidden states are concatenated, pooled output from clip_g.
+- SDXL inpainting: the same UNet with 9 input channels and ComfyUI's inpaint setup (as sd_xl_inpainting_0.1 loads).
+- SDXL T2I-Adapter: ComfyUI's Adapter in its SDXL layout (xl=True: pixel unshuffle 16, features after input blocks
+  3, 5, 8 and the middle block), matched to the tiny SDXL widths.
 - SD2.x: v-prediction BaseModel with an OpenCLIP-style "h" encoder (pad token 0, penultimate layer).
 Pictures are noise; these exist to run the family-specific code paths on CPU in seconds.
 """
@@ -120,16 +123,18 @@ def _sd2_classes():
     return TinySD2V
 
 
-def make_sdxl(seed: int = 0):
-    """(MODEL, CLIP) of a tiny SDXL-shaped model (eps prediction)."""
+def make_sdxl(seed: int = 0, inpaint: bool = False):
+    """(MODEL, CLIP) of a tiny SDXL-shaped model (eps prediction); `inpaint`: the 9-channel inpainting UNet."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
 
     config_cls, model_cls = _sdxl_classes()
-    cfg = config_cls(dict(TINY_SDXL_UNET))
+    cfg = config_cls(dict(TINY_SDXL_UNET, in_channels=9 if inpaint else 4))
     with torch.inference_mode():
         model = model_cls(cfg, device=mm.unet_offload_device())
+        if inpaint:
+            model.set_inpaint()
         init_weights(model, seed)
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                    offload_device=mm.unet_offload_device())
@@ -137,6 +142,27 @@ def make_sdxl(seed: int = 0):
         clip = comfy.sd.CLIP(cfg.clip_target())
         init_weights(clip.cond_stage_model, seed + 1)
     return patcher, clip
+
+
+TINY_SDXL_ADAPTER_CHANNELS = [32, 64, 128, 128]  # TINY_SDXL_UNET model_channels * [1, 2, 4, 4], as 320/640/1280
+
+
+def make_t2i_adapter_xl(seed: int = 4, hint_channels: int = 3):
+    """A tiny SDXL T2I-Adapter (ComfyUI's comfy.t2i_adapter.adapter.Adapter with xl=True, random weights), wrapped as
+    Load ControlNet Model wraps an adapter file (comfy.controlnet.load_t2i_adapter, which recognises the SDXL layout
+    from its 16x16 pixel unshuffle: cin = hint_channels * 256).
+
+    Its features (half the latent resolution, then a quarter) are added after SDXL input blocks 3, 5, 8 and the
+    middle block, as real SDXL T2I-Adapters are. Apply it with core ControlNetApply / ControlNetApplyAdvanced.
+    """
+    import comfy.controlnet
+    from comfy.t2i_adapter.adapter import Adapter
+
+    with torch.no_grad():
+        net = Adapter(channels=TINY_SDXL_ADAPTER_CHANNELS, nums_rb=2, cin=hint_channels * 256, ksize=1, sk=True,
+                      use_conv=False, xl=True)
+        init_weights(net, seed)
+        return comfy.controlnet.load_t2i_adapter(net.state_dict())
 
 
 def make_sd2v(seed: int = 0):

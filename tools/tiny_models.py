@@ -232,12 +232,14 @@ class AttnEditTestTinyCheckpoint:
     CATEGORY = "Attention Edit/testing"
 
     def load(self, ckpt_name, seed=0):
-        """The family follows the placeholder's name: "inpaint" -> tiny 9-channel inpainting UNet, "xl" -> tiny SDXL,
-        "v2"/"768-v" -> tiny SD2 v-pred, else SD1."""
+        """The family follows the placeholder's name: "xl" -> tiny SDXL ("xl" + "inpaint": its 9-channel inpainting
+        UNet), "inpaint" -> tiny SD1 9-channel inpainting UNet, "v2"/"768-v" -> tiny SD2 v-pred, else SD1."""
         import tiny_families
 
         name = str(ckpt_name).lower()
-        if "inpaint" in name:
+        if "xl" in name and "inpaint" in name:
+            model, clip = tiny_families.make_sdxl(seed + 3, inpaint=True)
+        elif "inpaint" in name:
             model, clip = make_inpaint_model(seed + 3), make_clip(seed + 1)
         elif "xl" in name:
             model, clip = tiny_families.make_sdxl(seed)
@@ -250,7 +252,7 @@ class AttnEditTestTinyCheckpoint:
 
 class AttnEditTestTinyAdapter:
     """Test/smoke-run only (never shipped in NODE_CLASS_MAPPINGS): stands in for ControlNetLoader with the tiny
-    random T2I-Adapter (a real adapter cannot run on the tiny UNet)."""
+    random T2I-Adapter (a real adapter cannot run on the tiny UNet); an "xl" name gives the tiny SDXL adapter."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -262,6 +264,10 @@ class AttnEditTestTinyAdapter:
     CATEGORY = "Attention Edit/testing"
 
     def load(self, control_net_name, seed=3):
+        if "xl" in str(control_net_name).lower():
+            import tiny_families
+
+            return (tiny_families.make_t2i_adapter_xl(seed),)
         return (make_t2i_adapter(seed),)
 
 
