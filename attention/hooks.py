@@ -196,6 +196,19 @@ def add_context_patch(model, patcher):
     return clone
 
 
+def bind_inversion(model, node: str, key: tuple, description: str):
+    """A clone of `model` noting that the patch `node` just added was made for the inversion identified by `key`
+    (masks and schedules aligned to it); the edit sampler refuses another inversion (see `bound_inversions`)."""
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    options[keys.BOUND_INVERSIONS] = tuple(options.get(keys.BOUND_INVERSIONS, ())) + ((node, key, description),)
+    return clone
+
+
+def bound_inversions(model) -> tuple:
+    return tuple(model.model_options.get("transformer_options", {}).get(keys.BOUND_INVERSIONS, ()))
+
+
 def controllers_of(model) -> tuple:
     return tuple(model.model_options.get("transformer_options", {}).get(keys.CONTROLLERS, ()))
 

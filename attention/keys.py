@@ -12,4 +12,5 @@ STEP_HOOKS = "attnedit_step_hooks"  # tuple[StepHook, ...] run by the edit sampl
 DISPATCH_MARK = "attnedit_dispatch"  # attribute set on our replace functions so we recognise our own patches
 CONTEXT_PATCHES = "attnedit_context_patches"  # tuple of context patchers extending the cross-attention context (CPAM)
 CONTEXT_EXTRA = "attnedit_context_extra"  # per block call: ((name, tokens), ...) appended after the prompt tokens
+BOUND_INVERSIONS = "attnedit_bound_inversions"  # ((node, key, description), ...): patches made for one inversion
 DISPATCHED_SITES = "attnedit_dispatched_sites"  # frozenset of attn2 site keys routed through our dispatcher

@@ -33,6 +33,9 @@ def as_mask_batch(mask: torch.Tensor, batch: int, name: str = "mask") -> torch.T
         m = m[:, 0]
     elif m.ndim != 3:
         raise MaskError(f"`{name}` has shape {tuple(mask.shape)}; a MASK is [batch, height, width]")
+    if m.shape[0] == 0 or m.shape[-1] == 0 or m.shape[-2] == 0:
+        raise MaskError(f"`{name}` has shape {tuple(mask.shape)}: no pixels; connect a MASK with at least one pixel "
+                        "(e.g. from Load Image, Solid Mask or a mask node)")
     if m.shape[0] not in (1, batch):
         raise MaskError(f"`{name}` has a batch of {m.shape[0]} masks for {batch} image(s); connect one mask, or one "
                         "per image")
@@ -41,15 +44,27 @@ def as_mask_batch(mask: torch.Tensor, batch: int, name: str = "mask") -> torch.T
     return m.clamp(0, 1).expand(batch, -1, -1)
 
 
+def _coverage(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in]: the share of output cell i covered by input pixel j when both span the same frame (rows sum
+    to 1). Exact area weights for any ratio, up or down."""
+    edges = torch.arange(n_out + 1, dtype=torch.float64) * (n_in / n_out)
+    pixels = torch.arange(n_in + 1, dtype=torch.float64)
+    lo = torch.maximum(edges[:-1, None], pixels[None, :-1])
+    hi = torch.minimum(edges[1:, None], pixels[None, 1:])
+    return ((hi - lo).clamp_min(0) * (n_out / n_in)).float()
+
+
 def mask_to_grid(mask: torch.Tensor, grid_hw: tuple[int, int], binary: bool = False) -> torch.Tensor:
     """[B, H, W] mask -> [B, 1, h, w] on a grid by area averaging (exact for masks made of whole grid cells)."""
     m = mask[:, None].float()
     h, w = grid_hw
     if m.shape[-2] % h == 0 and m.shape[-1] % w == 0:
         grid = F.avg_pool2d(m, (m.shape[-2] // h, m.shape[-1] // w))
-    else:
-        grid = F.interpolate(m, size=(h, w), mode="area") if m.shape[-2] >= h and m.shape[-1] >= w else \
-            F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+    elif m.shape[-2] >= h and m.shape[-1] >= w:
+        grid = F.interpolate(m, size=(h, w), mode="area")
+    else:  # a mask coarser than the grid: each cell takes the area-weighted mask pixels it lies in
+        rows, cols = _coverage(m.shape[-2], h).to(m), _coverage(m.shape[-1], w).to(m)
+        grid = torch.einsum("ip,bcpq,jq->bcij", rows, m, cols)
     return (grid >= BINARY_COVERAGE).float() if binary else grid.clamp(0, 1)
 
 

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from ..attention import hooks
+
 log = logging.getLogger("attention_edit")
 
 
@@ -42,6 +44,29 @@ def crop_to_multiple(image: torch.Tensor, multiple: int = 8, node: str = "") -> 
 def require(condition: bool, node: str, message: str) -> None:
     if not condition:
         raise AttnEditError(node, message)
+
+
+def inversion_key(inversion) -> tuple:
+    """What a patch made for `inversion` depends on: model, method, schedule, guidance, prompts, batch, size and the
+    pictures (a checksum of the clean latents, so an identical re-run of the Invert node gives the same key)."""
+    return (inversion.fingerprint, inversion.method, tuple(inversion.sigmas.tolist()), float(inversion.cfg),
+            inversion.source_prompt, inversion.negative_prompt, inversion.batch, tuple(inversion.latent_hw),
+            float(inversion.latents[-1].double().sum()))
+
+
+def bind_inversion(node: str, model, inversion):
+    """A clone of the patched `model` that remembers the inversion the patch of `node` was made for."""
+    return hooks.bind_inversion(model, node, inversion_key(inversion), inversion.describe())
+
+
+def check_bound_inversions(node: str, model, inversion) -> None:
+    """Patches made for one inversion (MAG-Edit masks, CPAM masks and schedules) must be sampled with that one."""
+    key = inversion_key(inversion)
+    for patch, bound, description in hooks.bound_inversions(model):
+        if bound != key:
+            raise AttnEditError(
+                node, f"`inversion` is not the one {patch} was given ({description}); this node got a "
+                      f"{inversion.describe()}. Connect the same Invert Image output to {patch} and to this node.")
 
 
 def check_inversion_model(node: str, inversion, model, fingerprint) -> None:

@@ -13,7 +13,7 @@ from ..inversion import comfy_model
 from ..inversion.conditioning import context_of
 from ..masks import cpam as cpam_masks
 from ..masks.ops import as_mask_batch, aspect_mismatch, mask_to_grid
-from .common import AttnEditError, check_inversion_model, wrap_errors
+from .common import AttnEditError, bind_inversion, check_inversion_model, wrap_errors
 from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -142,7 +142,7 @@ def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs
     if words:
         patched = hooks.add_step_hook(patched, cpam.CPAMMaskRefine(words, int(knobs["refine_step"]),
                                                                    float(knobs["refine_threshold"])))
-    return (patched, controller.target_conditioning)
+    return (bind_inversion(NODE, patched, inversion), controller.target_conditioning)
 
 
 def _start_layer(value: int, sites: list[tuple[str, int, int]], count: int, spec: cpam.Strategy) -> int:

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..attention import dpl as dpl_losses
+from ..attention.layers import semantic_grid
 from ..attention.store import AttentionStore, merge_stores, store_from_run
 from ..attention.tokens import split_words, tokenize_prompt, word_positions
 from ..inversion import comfy_model, dpl
@@ -14,7 +15,7 @@ from ..inversion.dpl_text import RowEncoder, load
 from ..inversion.schedule import ddim_sigmas
 from ..inversion.trajectory import InversionTrajectory
 from ..masks.background import BACKGROUND_THRESHOLD
-from ..masks.ops import as_mask_batch, aspect_mismatch, grid_to_image
+from ..masks.ops import as_mask_batch, aspect_mismatch, grid_to_image, mask_to_grid
 from .common import AttnEditError, crop_to_multiple, wrap_errors
 from .inversion import _measure
 from .types import ATTN_STORE, CAT_INVERSION, INVERSION
@@ -121,7 +122,7 @@ class AttnEditDynamicPromptLearn:
             raise AttnEditError(NODE, f"`nouns` {nouns!r} names no word; list the objects of the source prompt to "
                                       "learn, e.g. \"cat, dog\"")
         positions = word_positions(clip, tokens, words, "source prompt")
-        masks = _background_masks(background, samples)
+        masks = _background_masks(background, samples, settings.level)
         source = comfy_model.encode_text(clip, source_prompt)
         negative = comfy_model.encode_text(clip, negative_prompt)
         sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
@@ -149,7 +150,7 @@ def _input_latent(image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None
     raise AttnEditError(NODE, "nothing to invert: connect `image` (with `vae`) or `latent`")
 
 
-def _background_masks(mask, samples) -> torch.Tensor | None:
+def _background_masks(mask, samples, level: int) -> torch.Tensor | None:
     """The `background` MASK as [B, H, W] (one per image), or None to estimate it."""
     if mask is None:
         return None
@@ -160,6 +161,14 @@ def _background_masks(mask, samples) -> torch.Tensor | None:
                     masks.shape[-1], masks.shape[-2], frame[1], frame[0])
     if float(masks.max()) <= 0:
         log.warning("%s: `background` is empty; the background leakage loss is off", NODE)
+    grid = semantic_grid(tuple(samples.shape[-2:]), level)
+    on_grid = mask_to_grid(masks, grid, binary=True).flatten(1)
+    for i in range(on_grid.shape[0]):
+        if bool(on_grid[i].all()):
+            raise AttnEditError(NODE, f"`background` covers the whole image {i} (every cell of the {grid[0]}x{grid[1]} "
+                                      "attention grid is at least half background), so the nouns would have nowhere "
+                                      "to attend; 1 = background only: leave the objects unmasked, or disconnect "
+                                      "`background` to estimate it")
     return masks
 
 

@@ -9,7 +9,7 @@ from ..attention.layers import SEMANTIC_LEVEL, semantic_grid
 from ..attention.tokens import CHUNK, split_words
 from ..inversion import comfy_model
 from ..masks.ops import as_mask_batch, aspect_mismatch, dilate, mask_to_grid
-from .common import AttnEditError, check_inversion_model, require, wrap_errors
+from .common import AttnEditError, bind_inversion, check_inversion_model, require, wrap_errors
 from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -109,7 +109,7 @@ class AttnEditMAGGuidance:
             scale=float(scale), max_iterations=int(max_iterations), guidance_steps=int(guidance_steps),
             blend_steps=int(blend_steps), sr_lambda=float(sr_lambda), lambda_p=float(lambda_p),
             lambda_ng=float(lambda_ng), stop_after=sites or None)
-        return (hooks.add_step_hook(model, hook),)
+        return (bind_inversion(NODE, hooks.add_step_hook(model, hook), inversion),)
 
 
 def _target_controller(model):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..masks import comfy_io, ops, sam
 from .common import AttnEditError, wrap_errors
 from .types import CAT_MASKS
 
+log = logging.getLogger("attention_edit")
 NODE = "SAM Mask"
 MODEL_TYPES = ("auto", *sam.SAM_TYPES)
 COORDINATES = ("pixels", "fraction")
@@ -72,6 +75,17 @@ def _prompt(image_hw, points, negative_points, box, fractions) -> sam.SamPrompt:
     return sam.SamPrompt(torch.cat([pos, neg]), labels, rect)
 
 
+def _hints(mask_hint, batch: int, image_hw: tuple[int, int]) -> torch.Tensor:
+    """The hint per image, stretched to the image's frame like every MASK input (masks/ops.py), [B, H, W]."""
+    hints = ops.as_mask_batch(mask_hint, batch, "mask_hint")
+    if tuple(hints.shape[-2:]) == image_hw:
+        return hints
+    if ops.aspect_mismatch(tuple(hints.shape[-2:]), image_hw):
+        log.warning("%s: mask_hint is %dx%d but the image is %dx%d; the hint is stretched to the image", NODE,
+                    hints.shape[-1], hints.shape[-2], image_hw[1], image_hw[0])
+    return ops.mask_to_grid(hints, image_hw)[:, 0]
+
+
 def _segment(image, sam_model, points, negative_points, box, mask_hint, coordinates, model_type, multimask):
     if image.ndim != 4 or image.shape[0] == 0:
         raise AttnEditError(NODE, f"`image` has shape {tuple(image.shape)}; connect an IMAGE")
@@ -79,9 +93,14 @@ def _segment(image, sam_model, points, negative_points, box, mask_hint, coordina
         raise AttnEditError(NODE, f"`coordinates` {coordinates!r} is unknown; choose pixels or fraction")
     batch, image_hw = image.shape[0], (int(image.shape[1]), int(image.shape[2]))
     prompt = _prompt(image_hw, points, negative_points, box, coordinates == "fraction")
-    hints = None if mask_hint is None else ops.as_mask_batch(mask_hint, batch, "mask_hint")
+    hints = None if mask_hint is None else _hints(mask_hint, batch, image_hw)
     if prompt.empty and hints is None:
         raise AttnEditError(NODE, "nothing to segment: give `points` on the object, a `box`, or connect `mask_hint`")
+    if prompt.empty:
+        empty = [i for i in range(batch) if float(hints[i].max()) <= 0]
+        if empty:
+            raise AttnEditError(NODE, f"`mask_hint` of image {empty[0]} is empty and no `points` or `box` are given: "
+                                      "nothing to segment; paint the object in the hint or give points on it")
     sam.import_sam()  # the install hint before any file is read
     model = sam.load_sam(comfy_io.sam_checkpoint_path(sam_model), model_type)
     device = comfy_io.compute_device()

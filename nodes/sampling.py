@@ -10,7 +10,7 @@ from ..attention.store import merge_stores, store_from_run
 from ..inversion import comfy_model, engine
 from ..inversion.conditioning import single_entry
 from ..inversion.ddim import ddim_step
-from .common import AttnEditError, check_inversion_model, wrap_errors
+from .common import AttnEditError, check_bound_inversions, check_inversion_model, wrap_errors
 from .types import ATTN_STORE, CAT_SAMPLING, INVERSION
 
 SAMPLER = "Attention Edit Sampler"
@@ -56,6 +56,7 @@ class AttnEditEditSampler:
     def _sample(self, model, inversion, target, source_branch):
         comfy_model.require_family(model, SAMPLER)
         check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model))
+        check_bound_inversions(SAMPLER, model, inversion)
         controllers = hooks.controllers_of(model)
         step_hooks = hooks.step_hooks_of(model)
         target, target_tokens = _resolve_target(controllers, inversion, target)

@@ -62,7 +62,9 @@ def test_without_token_updates_it_is_null_text_inversion_bit_for_bit(tiny):
     source = pkg("inversion.conditioning").context_of(reference.source, "source")
     assert torch.equal(inv.cond, source[None].expand_as(inv.cond))
     # with a background mask nothing extra is captured: identical to the default Invert node
-    masked = dpl(tiny, token_iterations=0, background=torch.ones(1, 64, 64))[0]
+    half = torch.zeros(1, 64, 64)
+    half[:, :, :32] = 1.0  # (a full background is an input error: the nouns would have nowhere to attend)
+    masked = dpl(tiny, token_iterations=0, background=half)[0]
     assert torch.equal(masked.uncond, null_text(tiny).uncond)
 
 
