@@ -1,48 +1,62 @@
 """Bad and edge inputs end in a clear error (naming the input, the value, what was expected, what to connect) or a
 correct result that is asserted; and no run leaks into the next one (issue 11: bad input and isolation).
 
-Issue bullet -> tests (here unless a module is named; technique modules keep their own input tables too):
-- word not in its prompt: test_prompt_errors_name_the_word_and_the_fix (local blend, reweight, per-word windows),
-  test_preview_word_missing; test_mag_integration::test_bad_inputs_are_clear_errors, test_dpl::test_bad_inputs_...,
-  test_cpam_integration::test_bad_inputs_give_clear_errors, test_masks::test_node_errors_are_actionable.
-- unalignable replace prompts: test_prompt_errors_name_the_word_and_the_fix (word counts; 'refine' is the fix);
-  test_embctrl::test_other_token_count_is_rejected_in_strict_mode.
-- empty prompt / over 77 tokens: test_prompt_errors_... (errors where a prompt pair cannot work),
-  test_empty_and_long_prompts_invert_and_edit (both work and edit exactly); test_embctrl::test_long_prompts_...,
-  test_dpl::test_a_target_prompt_longer_than_one_chunk_works_with_learned_tokens.
-- MASK of another size or batch, empty and full masks, for every node with a MASK input (MAG-Edit `mask`, CPAM
-  `source_mask`, MaSaFusion `mask`, DPL `background`, SAM `mask_hint`; Edit Sampler and the local blend take none):
-  test_mask_of_another_size_is_stretched_by_area_coverage, test_mask_batch_or_pixels_that_cannot_work_are_errors,
-  test_empty_mask, test_full_mask; test_cpam_integration::test_a_mask_of_another_size_or_aspect_is_aligned_...,
-  test_fusion::test_empty_region_returns_the_source_reconstruction, test_masks::test_mask_batches_broadcast_....
-- IMAGE batch of 3: test_image_batch_of_three; test_masks::test_node_errors_are_actionable (3 pictures, 1 mask).
-- sizes not multiple of 64 / 8: test_sizes_not_multiple_of_64_or_8_work, test_invert_input_errors (4x4 px);
-  test_instdiffedit::test_sizes_that_are_not_multiples_of_64_work.
-- inversion made with other steps or another model: test_sampler_wiring_errors (model), test_patch_made_for_another_
-  inversion_is_refused (MAG-Edit / CPAM patched for one inversion, sampled with one of other steps, batch or size);
-  test_mag_integration::test_bad_inputs_are_clear_errors (guidance/blend steps beyond the inversion's).
-- cfg = 1 and cond/uncond in separate calls (low-VRAM): test_cfg_one_runs_cond_only (MAG, CPAM, MaSaFusion, DPL,
-  InstDiffEdit), test_cond_and_uncond_in_separate_calls_match_batched (MAG, CPAM, DPL, InstDiffEdit);
-  core: test_edit_integration::test_cfg_one_single_chunk_layout / test_cond_and_uncond_in_separate_calls_...;
-  test_cpam_integration::test_cfg_one_ddim_uses_the_negative_prompt_as_null;
-  test_fusion::test_cond_and_uncond_in_separate_calls_match_batched.
-- SDXL- or Flux-shaped model: every node that takes a MODEL supports SD1.x, SD2.x and SDXL (test_families), so the
-  unsupported case is a Flux/SD3-shaped model: test_unsupported_model_family_is_named (all 8 MODEL-taking nodes).
-- fp16 weights: test_fp16_model_weights.
-- interrupt in the middle of null-text / MAG-Edit / DPL loops (and CPAM, InstDiffEdit): test_interrupted_null_text_
-  leaves_the_next_run_clean, test_interrupt_mid_run_then_the_next_run_equals_a_fresh_run (DPL token loop, CPAM,
-  InstDiffEdit); test_mag_integration::test_interrupt_mid_optimisation_leaves_the_next_run_clean.
-- the same node twice in one prompt / two edits back to back: test_same_nodes_twice_in_one_prompt_equal_each_alone,
-  test_two_edits_queued_back_to_back_equal_each_alone (ComfyUI's executor, headless).
+Issue bullet -> tests (here unless a module is named; the technique modules keep their own input tables too):
+- a word not in its prompt:
+    test_prompt_errors_name_the_word_and_the_fix (local blend, reweight, per-word windows), test_preview_word_missing;
+    test_mag_integration::test_bad_inputs_are_clear_errors, test_dpl::test_bad_inputs_are_clear_errors,
+    test_cpam_integration::test_bad_inputs_give_clear_errors, test_masks::test_node_errors_are_actionable.
+- source and target prompts that cannot be aligned for replace:
+    test_prompt_errors_name_the_word_and_the_fix (word counts; mode 'refine' is the fix);
+    test_embctrl::test_other_token_count_is_rejected_in_strict_mode.
+- empty prompt; prompts over 77 tokens:
+    test_prompt_errors_name_the_word_and_the_fix (pairs that cannot work), test_empty_and_long_prompts_invert_and_edit
+    (both invert and edit exactly); test_embctrl::test_long_prompts_are_rejected,
+    test_dpl::test_a_target_prompt_longer_than_one_chunk_works_with_learned_tokens.
+- a MASK of another size or batch than the image; empty and full masks; for every node with a MASK input: MAG-Edit
+  `mask`, CPAM `source_mask`, MaSaFusion `mask`, DPL `background`, SAM `mask_hint` (Attention Edit Sampler and the
+  local blend take no MASK):
+    test_mask_of_another_size_is_stretched_by_area_coverage, test_mask_batch_or_pixels_that_cannot_work_are_errors,
+    test_empty_mask, test_full_mask;
+    test_cpam_integration::test_a_mask_of_another_size_or_aspect_is_aligned_and_logged,
+    test_fusion::test_empty_region_returns_the_source_reconstruction,
+    test_masks::test_mask_batches_broadcast_and_mismatches_are_clear.
+- an IMAGE batch of 3: test_image_batch_of_three; test_masks::test_node_errors_are_actionable (3 pictures, 1 mask).
+- sizes not multiples of 64 (and of 8): test_sizes_not_multiple_of_64_or_8_work, test_invert_input_errors (4x4 px);
+    test_instdiffedit::test_sizes_that_are_not_multiples_of_64_work.
+- an inversion made with other steps or another model than the one used for editing:
+    test_sampler_wiring_errors (another model), test_patch_made_for_another_inversion_is_refused (MAG-Edit and CPAM
+    patched for one inversion, sampled with one of other steps, batch or size);
+    test_mag_integration::test_bad_inputs_are_clear_errors (guidance / blend steps beyond the inversion's).
+- cfg = 1 (one uncond-free chunk) and cond / uncond in separate calls (low-VRAM path), for the techniques:
+    test_cfg_one_runs_cond_only (MAG-Edit, CPAM, MaSaFusion, DPL, InstDiffEdit),
+    test_cond_and_uncond_in_separate_calls_match_batched (MAG-Edit, CPAM, DPL, InstDiffEdit);
+    core: test_edit_integration::test_cfg_one_single_chunk_layout,
+    test_edit_integration::test_cond_and_uncond_in_separate_calls_match_batched;
+    test_cpam_integration::test_cfg_one_ddim_uses_the_negative_prompt_as_null,
+    test_fusion::test_cond_and_uncond_in_separate_calls_match_batched.
+- an SDXL- or Flux-shaped model given to a node that supports only SD1.x: every node that takes a MODEL supports
+  SD1.x, SD2.x and SDXL (test_families), so the unsupported case is a Flux/SD3-shaped model:
+    test_unsupported_model_family_is_named (all 8 MODEL-taking nodes).
+- fp16 model weights: test_fp16_model_weights.
+- interrupt in the middle of the null-text / MAG-Edit / DPL loops (and CPAM, InstDiffEdit), next run clean:
+    test_interrupted_null_text_leaves_the_next_run_clean,
+    test_interrupt_mid_run_then_the_next_run_equals_a_fresh_run (DPL token loop, CPAM, InstDiffEdit);
+    test_mag_integration::test_interrupt_mid_optimisation_leaves_the_next_run_clean.
+- the same node run twice in one prompt; two different edits queued back to back (ComfyUI's executor, headless):
+    test_same_nodes_twice_in_one_prompt_equal_each_alone, test_two_edits_queued_back_to_back_equal_each_alone.
+- (also) another pack's attention patch on the MODEL: test_foreign_attention_patch_is_left_alone.
 Isolation:
-- no module-level assignment into comfy.* / torch.*: test_packaging::test_no_module_level_assignment_into_comfy_or_torch.
+- no module-level assignment into comfy.* / torch.*:
+    test_packaging::test_no_module_level_assignment_into_comfy_or_torch.
 - the input MODEL's patches and options unchanged after every patching node (Attention Hook, MAG-Edit, CPAM, DPL,
-  EmbCtrl, MaSaFusion, InstDiffEdit; CLIP too): test_patch_nodes_leave_the_input_model_untouched.
-- plain KSampler after any run (edits, a failed run, interrupted MAG-Edit, a DPL run failing mid-loop) equals a fresh
-  process: test_plain_ksampler_after_our_runs_matches_a_fresh_process.
-- no network at run time: test_no_network_access_at_run_time, test_weights_and_network_static_rules.
+  EmbCtrl, MaSaFusion, InstDiffEdit; the CLIP too): test_patch_nodes_leave_the_input_model_untouched.
+- after any run (edits, a rejected run, an interrupted MAG-Edit run, a DPL run failing mid-loop) a plain KSampler on
+  the original MODEL equals a fresh process bit for bit: test_plain_ksampler_after_our_runs_matches_a_fresh_process.
+- no network access at run time: test_no_network_access_at_run_time, test_weights_and_network_static_rules.
 - weights only through safetensors or torch.load(weights_only=True): test_weights_and_network_static_rules;
-  test_packaging::test_package_code_logs_instead_of_printing_and_loads_weights_safely; test_sam::test_unsafe_...
+    test_packaging::test_package_code_logs_instead_of_printing_and_loads_weights_safely,
+    test_sam::test_unsafe_or_foreign_files_are_refused.
 """
 
 import ast
@@ -282,7 +296,7 @@ def test_fp16_model_weights(tiny):
     with torch.inference_mode():
         half = tiny_models.make_model(0, dtype=torch.float16)
     inv, _, _, recon, _, _ = call_node("AttnEditInvert", model=half, clip=tiny.clip, source_prompt=SRC,
-                                       method="null_text", steps=3, cfg=7.5, latent=make_latent(), inner_steps=2)
+                                       method="null_text", steps=2, cfg=7.5, latent=make_latent(), inner_steps=1)
     assert torch.isfinite(recon["samples"]).all() and inv.uncond.dtype == torch.float32
     patched, target = call_node("AttnEditAttentionHook", model=half, clip=tiny.clip, source_prompt=SRC,
                                 target_prompt="a photo of a dog", mode="replace", cross_replace=0.8, self_replace=0.4)
