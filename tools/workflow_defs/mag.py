@@ -6,6 +6,20 @@ SOURCE = "a photo of a cat sitting on a sofa"
 TARGET = "a photo of a white cat sitting on a sofa"
 
 
+def mag_chain(g, ckpt, img, mask, prefix, cfg=7.5, max_iterations=15, guidance_steps=25):
+    """null-text inversion -> P2P refine -> MAG-Edit Guidance -> edit sampler -> decode + heat maps of 'white'."""
+    inv = invert(g, ckpt, img, SOURCE, method="null_text", cfg=cfg)
+    hook = g.node("AttnEditAttentionHook", model=ckpt["MODEL"], clip=ckpt["CLIP"], source_prompt=SOURCE,
+                  target_prompt=TARGET, mode="refine", cross_replace=0.8, self_replace=0.5)
+    guided = g.node("AttnEditMAGGuidance", model=hook["model"], inversion=inv["inversion"], mask=mask["MASK"],
+                    target_words="white", constraint="token_ratio", max_iterations=max_iterations,
+                    guidance_steps=guidance_steps, scale=2.5, negative_words="", blend_steps=15)
+    edit = g.node("AttnEditEditSampler", model=guided["model"], inversion=inv["inversion"])
+    decoded = save(g, ckpt["VAE"], edit["latent"], prefix)
+    g.node("AttnEditAttentionPreview", attention=edit["attention"], image=decoded["IMAGE"], branch="target",
+           words="white, cat")
+
+
 def mag_edit(g):
     ckpt, img = loaders(g)
     # A painted-style mask over the cat of the example picture (512x512): a white box on black. Replace it by a
@@ -14,16 +28,7 @@ def mag_edit(g):
     box = g.node("SolidMask", value=1.0, width=170, height=290)
     mask = g.node("MaskComposite", destination=canvas["MASK"], source=box["MASK"], x=180, y=145, operation="add")
     g.node("PreviewImage", images=g.node("MaskToImage", mask=mask["MASK"])["IMAGE"])
-    inv = invert(g, ckpt, img, SOURCE, method="null_text")
-    hook = g.node("AttnEditAttentionHook", model=ckpt["MODEL"], clip=ckpt["CLIP"], source_prompt=SOURCE,
-                  target_prompt=TARGET, mode="refine", cross_replace=0.8, self_replace=0.5)
-    guided = g.node("AttnEditMAGGuidance", model=hook["model"], inversion=inv["inversion"], mask=mask["MASK"],
-                    target_words="white", constraint="token_ratio", max_iterations=15, guidance_steps=25, scale=2.5,
-                    negative_words="", blend_steps=15)
-    edit = g.node("AttnEditEditSampler", model=guided["model"], inversion=inv["inversion"])
-    decoded = save(g, ckpt["VAE"], edit["latent"], "attnedit_mag_edit")
-    g.node("AttnEditAttentionPreview", attention=edit["attention"], image=decoded["IMAGE"], branch="target",
-           words="white, cat")
+    mag_chain(g, ckpt, img, mask, "attnedit_mag_edit")
     g.note("MAG-Edit (Mao et al. 2024): put the edit exactly where the mask is.\n"
            "1. Mask: here a box over the cat (Solid Mask + Mask Composite). Any MASK works: paint one (LoadImage -> "
            "right-click -> Open in MaskEditor, use its MASK output) or use a SAM node.\n"

@@ -2,6 +2,7 @@
 
 from .common import invert, save
 from .cpam import CAT_BOX, CHAIN_NOTE
+from .mag import mag_chain
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"  # placeholder SDXL name; the runner swaps in what you have
 SOURCE = "a photo of a cat sitting on a sofa"
@@ -46,17 +47,7 @@ def sdxl_mag_edit(g):
     ckpt, img = _sdxl_loaders(g)
     mask = _box_mask(g, x=360, y=290, width=340, height=580)  # the cat of the example picture at 1024 px
     g.node("PreviewImage", images=g.node("MaskToImage", mask=mask["MASK"])["IMAGE"])
-    target = "a photo of a white cat sitting on a sofa"
-    inv = invert(g, ckpt, img, SOURCE, method="null_text", cfg=7.0)
-    hook = g.node("AttnEditAttentionHook", model=ckpt["MODEL"], clip=ckpt["CLIP"], source_prompt=SOURCE,
-                  target_prompt=target, mode="refine", cross_replace=0.8, self_replace=0.5)
-    guided = g.node("AttnEditMAGGuidance", model=hook["model"], inversion=inv["inversion"], mask=mask["MASK"],
-                    target_words="white", constraint="token_ratio", max_iterations=10, guidance_steps=15, scale=2.5,
-                    negative_words="", blend_steps=15)
-    edit = g.node("AttnEditEditSampler", model=guided["model"], inversion=inv["inversion"])
-    decoded = save(g, ckpt["VAE"], edit["latent"], "attnedit_sdxl_mag_edit")
-    g.node("AttnEditAttentionPreview", attention=edit["attention"], image=decoded["IMAGE"], branch="target",
-           words="white, cat")
+    mag_chain(g, ckpt, img, mask, "attnedit_sdxl_mag_edit", cfg=7.0, max_iterations=10, guidance_steps=15)
     g.note("SDXL MAG-Edit: put the edit exactly where the mask is, at 1024 px.\n"
            "Same chain as the SD1.5 MAG-Edit workflow: Invert Image (null_text, 50 steps) -> Prompt-to-Prompt "
            "Attention Hook (mode refine, cross 0.8, self 0.5; the target prompt adds the new word) -> MAG-Edit "
