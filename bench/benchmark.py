@@ -126,6 +126,8 @@ class Counts:
     backwards: int = 0
     clip_forwards: int = 0
     clip_backwards: int = 0
+    vae_encodes: int = 0
+    vae_decodes: int = 0
     calls: list = field(default_factory=list)  # [(rows, partial, backward)] per UNet call, for the estimates
 
 
@@ -134,6 +136,7 @@ class Result:
     name: str
     seconds: float
     times: list[float]
+    cpu_seconds: float  # median process CPU time: robust to other jobs sharing the host's cores
     peak_gb: float | None
     counts: Counts
     details: dict = field(default_factory=dict)
@@ -141,6 +144,9 @@ class Result:
     target_s: float | None = None
     paper: str = ""
     syncs: int | None = None
+    ops_per_forward: float | None = None  # aten ops dispatched inside UNet forwards, per call (--count-ops)
+    scalar_reads: int | None = None  # tensor -> Python number reads in one run (--count-ops)
+    launch_factor: float = 1.0  # ops_per_forward relative to the KSampler baseline's (for the estimate)
 
     # short names used by the tests and the summary line
     @property
@@ -183,13 +189,19 @@ class PassCounter:
     forwards, and a backward when a gradient reaches the output (DPL learns token rows through the encoder).
     """
 
-    def __init__(self, unets: list[torch.nn.Module], encoders: list[torch.nn.Module]):
+    def __init__(self, unets: list[torch.nn.Module], encoders: list[torch.nn.Module], vae: torch.nn.Module | None = None):
         self.calls: list[_Call] = []
-        self.clip_forwards = self.clip_backwards = 0
+        self.clip_forwards = self.clip_backwards = self.vae_encodes = self.vae_decodes = 0
+        self.ops: OpCount | None = None  # set during a --count-ops run
         self.handles = []
+        for name in ("encoder", "decoder"):
+            part = getattr(vae, name, None)
+            if isinstance(part, torch.nn.Module):
+                self.handles.append(part.register_forward_hook(self._vae_encode if name == "encoder"
+                                                               else self._vae_decode))
         for unet in unets:
             self.handles.append(unet.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(unet.register_forward_hook(self._post))
+            self.handles.append(unet.register_forward_hook(self._post, always_call=True))
         for enc in encoders:
             self.handles.append(enc.register_forward_hook(self._clip_post))
 
@@ -197,6 +209,8 @@ class PassCounter:
         x = args[0] if args else kwargs.get("x")
         call = _Call(int(x.shape[0]) if isinstance(x, torch.Tensor) else 0)
         self.calls.append(call)
+        if self.ops is not None:
+            self.ops.inside = True
         if torch.is_grad_enabled():
             for t in _tensors(args, kwargs):
                 if t.requires_grad:
@@ -213,7 +227,9 @@ class PassCounter:
         holder.append(t.register_hook(hook))
 
     def _post(self, module, args, output):
-        if self.calls:
+        if self.ops is not None:
+            self.ops.inside = False
+        if output is not None and self.calls:  # always_call: an aborted forward arrives with output None
             self.calls[-1].complete = True
 
     def _clip_post(self, module, args, output):
@@ -228,16 +244,22 @@ class PassCounter:
 
             holder.append(first.register_hook(hook))
 
+    def _vae_encode(self, module, args, output):
+        self.vae_encodes += 1
+
+    def _vae_decode(self, module, args, output):
+        self.vae_decodes += 1
+
     def reset(self) -> None:
         self.calls = []
-        self.clip_forwards = self.clip_backwards = 0
+        self.clip_forwards = self.clip_backwards = self.vae_encodes = self.vae_decodes = 0
 
     def counts(self) -> Counts:
         calls = self.calls
         return Counts(forwards=len(calls), partial=sum(not c.complete for c in calls), rows=sum(c.rows for c in calls),
                       backwards=sum(c.backward for c in calls), clip_forwards=self.clip_forwards,
-                      clip_backwards=self.clip_backwards,
-                      calls=[(c.rows, not c.complete, c.backward) for c in calls])
+                      clip_backwards=self.clip_backwards, vae_encodes=self.vae_encodes,
+                      vae_decodes=self.vae_decodes, calls=[(c.rows, not c.complete, c.backward) for c in calls])
 
     def close(self) -> None:
         for h in self.handles:
@@ -250,6 +272,50 @@ def text_encoder_modules(clip) -> list[torch.nn.Module]:
     subs = [getattr(model, n) for n in ("clip_l", "clip_h", "clip_g") if isinstance(getattr(model, n, None),
                                                                                    torch.nn.Module)]
     return subs or [model]
+
+
+class OpCount:
+    """TorchDispatchMode counting the aten ops dispatched inside UNet forwards (`inside` is switched by PassCounter's
+    hooks; a device-independent proxy for the kernel launches that bound an eager SD1.5 forward on a GPU) and every
+    tensor -> Python value read of the run (item / bool / nonzero: on a GPU a sync when the tensor lives there; on CPU
+    every read counts, also of tensors that stay on the host in GPU mode)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        aten = torch.ops.aten  # the read ops as seen with autograd on (decomposed) and in inference mode (not)
+        reads = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.nonzero.default}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += counter.inside
+                if func in reads:
+                    counter.scalar_reads += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops = self.scalar_reads = 0
+        self.inside = False
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def op_counting(counter: PassCounter):
+    """OpCount over a block, switched on inside the counter's UNet forwards; sets `per_forward` when done."""
+    counter.ops = ops = OpCount()
+    try:
+        with ops:
+            yield ops
+    finally:
+        counter.ops = None
+        ops.per_forward = ops.ops / max(1, len(counter.calls))
 
 
 @contextlib.contextmanager
@@ -526,54 +592,88 @@ BASELINE = WORKFLOWS[0]
 
 # ---------------------------------------------------------------------------------------------------- measuring
 def measure(ctx: BenchContext, wf: Workflow, counter: PassCounter, runs: int, warmup: int, gpu: bool,
-            sync_debug: bool = False) -> Result:
+            sync_debug: bool = False, count_ops: bool = False) -> Result:
+    """Time `wf` (median of `runs` after `warmup`), its peak GPU memory and its passes. Every run starts from the same
+    global RNG state (some hosts' VAE encoders sample the posterior with it), so the optimisers' early stops, and with
+    them the counts, repeat from run to run."""
     if wf.prepare is not None:
+        torch.manual_seed(0)
         wf.prepare(ctx)
     for _ in range(warmup):
+        torch.manual_seed(0)
         wf.run(ctx)
     syncs = None
     if sync_debug and gpu:
         box: dict = {}
+        torch.manual_seed(0)
         with count_syncs(box):
             wf.run(ctx)
         syncs = box["syncs"]
-    times, peaks, details, counts = [], [], {}, None
+    ops = None
+    inline = count_ops and runs == 1 and warmup == 0  # a counts-only run: count in the timed run itself
+    if count_ops and not inline:  # one extra, untimed run: the dispatch mode slows every op
+        torch.manual_seed(0)
+        counter.reset()
+        with op_counting(counter) as ops:
+            wf.run(ctx)
+    times, cpu, peaks, details, counts = [], [], [], {}, None
     for _ in range(runs):
         counter.reset()
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        details = {k: v for k, v in (wf.run(ctx) or {}).items() if isinstance(v, int | float | list | bool)}
+        torch.manual_seed(0)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        with op_counting(counter) if inline else contextlib.nullcontext() as counted:
+            out = wf.run(ctx) or {}
+        ops = counted or ops
+        details = {k: v for k, v in out.items() if isinstance(v, int | float | list | bool)}
         if gpu:
             torch.cuda.synchronize()
             peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         now = counter.counts()
         if counts is not None and (now.forwards, now.backwards) != (counts.forwards, counts.backwards):
             details = dict(details, counts_varied=True)  # early stops differ between runs (GPU non-determinism)
         counts = now
-    return Result(wf.name, statistics.median(times), times, max(peaks) if peaks else None, counts, details,
-                  target_s=wf.target_s.get(ctx.family), paper=wf.paper, syncs=syncs)
+    return Result(wf.name, statistics.median(times), times, statistics.median(cpu), max(peaks) if peaks else None, counts, details,
+                  target_s=wf.target_s.get(ctx.family), paper=wf.paper, syncs=syncs,
+                  ops_per_forward=None if ops is None else ops.per_forward,
+                  scalar_reads=None if ops is None else ops.scalar_reads)
 
 
 # ---------------------------------------------------------------------------------------------------- estimates
-# Stated assumptions of the count-based H100 estimate (see BENCHMARKS.md): eager fp16 UNet forward per call =
-# max(floor, rows * per_row) ms; a backward costs 2x its forward; a partial forward (MAG-Edit stops after the last
-# 16x16 layer) costs PARTIAL of a full one; text encoder forward CLIP_MS, backward 2x.
-ESTIMATE = {"sd15": {"floor_ms": 40.0, "row_ms": 6.0, "clip_ms": 5.0},
-            "sdxl": {"floor_ms": 60.0, "row_ms": 35.0, "clip_ms": 12.0}}
-PARTIAL = 0.6
+# The count-based H100 estimate (an ESTIMATE, not a measurement; BENCHMARKS.md states and discusses it). Eager fp16,
+# 512 px SD1.5 / 1024 px SDXL, per UNet call with r latent rows:
+#   forward  = max(floor, r * row) ms   (launch-bound below floor: SD1.5 ~40 ms eager vs ~10 ms as a CUDA graph)
+#   backward = max(floor, 2 * r * row)  (twice the compute, launched from C++ autograd: no more than the floor)
+# so a batch-1 SD1.5 forward + backward costs 2x a forward. A partial forward (MAG-Edit's guidance pass stops after
+# the last semantic-level layer) costs `partial` of a full one, forward and backward. Text encoder passes and VAE
+# encodes / decodes at fixed costs (backward 2x).
+ESTIMATE = {
+    "sd15": {"floor_ms": 40.0, "row_ms": 8.0, "partial": 0.6, "clip_ms": 5.0, "encode_ms": 25.0, "decode_ms": 40.0},
+    "sdxl": {"floor_ms": 65.0, "row_ms": 40.0, "partial": 0.75, "clip_ms": 12.0, "encode_ms": 100.0,
+             "decode_ms": 200.0},
+}
 
 
-def estimate_seconds(counts: Counts, family: str) -> float:
-    """Count-based H100 estimate (seconds) of one run with these passes (the assumptions in ESTIMATE)."""
+def estimate_seconds(counts: Counts, family: str, launch_factor: float = 1.0) -> float:
+    """Count-based H100 estimate (seconds) of one run with these passes (the assumptions in ESTIMATE).
+
+    launch_factor scales the launch-bound floor: aten ops per UNet pass of this workflow over the plain KSampler's
+    (attention control adds ops to every pass it touches), when --count-ops measured them.
+    """
     e = ESTIMATE[family]
+    floor = e["floor_ms"] * launch_factor
     total = 0.0
     for rows, partial, backward in counts.calls:
-        fwd = max(e["floor_ms"], rows * e["row_ms"]) * (PARTIAL if partial else 1.0)
-        total += fwd * (3.0 if backward else 1.0)
+        scale = e["partial"] if partial else 1.0
+        total += scale * max(floor, rows * e["row_ms"])
+        if backward:
+            total += scale * max(floor, 2 * rows * e["row_ms"])
     total += e["clip_ms"] * (counts.clip_forwards + 2 * counts.clip_backwards)
+    total += e["encode_ms"] * counts.vae_encodes + e["decode_ms"] * counts.vae_decodes
     return total / 1000.0
 
 
@@ -593,29 +693,37 @@ def environment() -> dict:
 
 
 def table(results: list[Result], family: str, gpu: bool) -> list[str]:
-    est = "" if gpu else " est. H100 (s) |"
-    lines = ["| workflow | time (s) | peak VRAM (GB) | target (s) | paper | UNet fwd calls (partial) | fwd rows | "
-             f"UNet bwd | CLIP fwd / bwd | time / KSampler |{est}" + (" syncs |" if gpu else ""),
-             "|---|" + "---|" * (9 + (0 if gpu else 1) + (1 if gpu else 0))]
+    """Markdown rows. GPU: measured time and peak VRAM; CPU: wall and process time and the count-based estimate."""
+    first = "| workflow | time (s) | peak VRAM (GB) |" if gpu else "| workflow | wall time (s) | CPU time (s) |"
+    ops = any(r.ops_per_forward is not None for r in results)
+    last = " syncs |" if gpu else (" aten ops / UNet fwd | scalar reads |" if ops else "") + " est. H100 (s) |"
+    lines = [first + " target (s) | paper | UNet fwd calls (partial) | fwd rows | UNet bwd | CLIP fwd / bwd | "
+             "VAE enc / dec | time / KSampler |" + last, "|---|" + "---|" * (11 + (2 if ops and not gpu else 0))]
     for r in results:
         c = r.counts
-        peak = f"{r.peak_gb:.2f}" if r.peak_gb is not None else "n/a (CPU)"
+        if gpu:
+            second = f"{r.peak_gb:.2f}" if r.peak_gb is not None else "-"
+            extra = f" {r.syncs if r.syncs is not None else '-'} |"
+        else:
+            second = f"{r.cpu_seconds:.2f}"
+            extra = f" {estimate_seconds(c, family, r.launch_factor):.1f} |"
+            if ops:
+                per = "-" if r.ops_per_forward is None else f"{r.ops_per_forward:.0f}"
+                extra = f" {per} | {r.scalar_reads if r.scalar_reads is not None else '-'} |" + extra
         ratio = f"{r.cpu_ratio:.2f}" if r.cpu_ratio is not None else "-"
         target = f"<= {r.target_s:g}" if r.target_s else "-"
         fwd = f"{c.forwards} ({c.partial})" if c.partial else f"{c.forwards}"
-        row = (f"| {r.name} | {r.seconds:.2f} | {peak} | {target} | {r.paper or '-'} | {fwd} | {c.rows} | "
-               f"{c.backwards} | {c.clip_forwards} / {c.clip_backwards} | {ratio} |")
-        if not gpu:
-            row += f" {estimate_seconds(c, family):.1f} |" if family in ESTIMATE else " - |"
-        if gpu:
-            row += f" {r.syncs if r.syncs is not None else '-'} |"
-        lines.append(row)
+        lines.append(f"| {r.name} | {r.seconds:.2f} | {second} | {target} | {r.paper or '-'} | {fwd} | {c.rows} | "
+                     f"{c.backwards} | {c.clip_forwards} / {c.clip_backwards} | {c.vae_encodes} / {c.vae_decodes} | "
+                     f"{ratio} |{extra}")
     return lines
 
 
 def section_text(env: dict, args, family_label: str, size: int, settings: Settings, results: list[Result],
                  gpu: bool, family: str) -> str:
     cheap = " --cheap (capped inner iterations)" if args.cheap else ""
+    if args.count_ops and args.runs == 1 and args.warmup == 0:
+        cheap += " (the timed run also counted ops: its times include that overhead)"
     head = [f"{env['device']}; torch {env['torch']}; ComfyUI {env['comfyui']}; Python {env['python']}.",
             f"{family_label} at {size} px, {settings.steps} steps, CFG {CFG:g}{cheap}; time = median of {args.runs} "
             f"run(s) after {args.warmup} warm-up(s). Command: `python bench/benchmark.py {' '.join(args.argv)}`", ""]
@@ -653,6 +761,7 @@ def parse(argv: list[str]):
     p.add_argument("--cheap", action="store_true", help="cap inner iterations (null-text 2, MAG 2, DPL 2+2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny CPU mode)")
     p.add_argument("--only", default="", help="comma-separated substrings of workflow names (baseline always runs)")
+    p.add_argument("--count-ops", action="store_true", help="count aten ops and scalar reads (one extra run each)")
     p.add_argument("--sync-debug", action="store_true", help="gpu: count CUDA syncs per workflow (one extra run)")
     p.add_argument("--gpu-smoke", action="store_true", help="gpu, 4 steps, --cheap, 1 run, no warm-up, --sync-debug")
     p.add_argument("--out", default=os.path.join(comfy_host.REPO_ROOT, "BENCHMARKS.md"))
@@ -695,18 +804,23 @@ def run(argv: list[str]) -> list[Result]:
         ctx = BenchContext(family, models["model"], models["clip"], models["vae"], image, mask, settings,
                            models.get("inpaint_model"), models.get("adapter"))
         unets = [m.model.diffusion_model for m in (ctx.model, ctx.inpaint_model) if m is not None]
-        counter = PassCounter(unets, text_encoder_modules(ctx.clip))
+        counter = PassCounter(unets, text_encoder_modules(ctx.clip), getattr(ctx.vae, "first_stage_model", None))
         try:
-            results = [measure(ctx, wf, counter, args.runs, args.warmup, gpu, args.sync_debug)
-                       for wf in selected(family, args.only)]
+            results = []
+            for wf in selected(family, args.only):
+                results.append(measure(ctx, wf, counter, args.runs, args.warmup, gpu, args.sync_debug,
+                                       args.count_ops))
+                sys.stderr.write(f"[bench] {summary(results[-1])}\n")
         finally:
             counter.close()
         env = environment()
     finally:
         torch.set_num_threads(threads)
-    base = results[0].seconds
+    base = results[0]
     for r in results:
-        r.cpu_ratio = None if gpu else r.seconds / base
+        r.cpu_ratio = r.seconds / base.seconds
+        if r.ops_per_forward is not None and base.ops_per_forward:
+            r.launch_factor = max(1.0, r.ops_per_forward / base.ops_per_forward)
     label = {"sd15": "SD1.5", "sdxl": "SDXL"}[family]
     if gpu:
         section, family_label = f"gpu-{family}", f"full-size {label} (random weights, fp16)"
@@ -714,13 +828,19 @@ def run(argv: list[str]) -> list[Result]:
         section, family_label = f"cpu-full-{family}", f"full-size {label} (random weights, fp32, CPU)"
     else:
         section, family_label = f"cpu-{family}", f"tiny {label}-shaped models (CPU)"
+    if steps != (PAPER_STEPS if gpu else 4) or args.cheap or args.only:  # keep the default sections' numbers
+        section += f"-{steps}steps" + ("-cheap" if args.cheap else "") + ("-only" if args.only else "")
     if args.out:
         write_section(args.out, section, section_text(env, args, family_label, size, settings, results, gpu, family))
     return results
 
 
+def summary(r: Result) -> str:
+    c = r.counts
+    peak = f" peak={r.peak_gb:.2f}GB" if r.peak_gb is not None else ""
+    return (f"{r.name}: {r.seconds:.2f}s{peak} fwd={c.forwards} partial={c.partial} rows={c.rows} bwd={c.backwards} "
+            f"clip={c.clip_forwards}/{c.clip_backwards} {r.details}")
+
+
 if __name__ == "__main__":
-    for r in run(sys.argv[1:]):
-        c = r.counts
-        sys.stderr.write(f"{r.name}: {r.seconds:.2f}s fwd={c.forwards} partial={c.partial} rows={c.rows} "
-                         f"bwd={c.backwards} clip={c.clip_forwards}/{c.clip_backwards} {r.details}\n")
+    run(sys.argv[1:])

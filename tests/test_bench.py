@@ -58,6 +58,7 @@ def test_every_sd15_workflow_runs_with_exact_unet_pass_counts(sd15):
     iters = nt.details["null_text_iterations"]
     assert S <= iters <= N * S
     assert passes(nt) == (3 * S + iters, 0, 3 * S + iters, iters)
+    assert (nt.counts.vae_encodes, nt.counts.vae_decodes) == (1, 1)  # encode the photo, decode for the PSNR
     # P2P: source and target branch with both CFG halves in ONE call per step (4 rows)
     assert passes(r["P2P edit (cached inversion)"]) == (S, 0, 4 * S, 0)
     assert r["P2P edit (cached inversion)"].counts.calls == [(4, False, False)] * S
@@ -88,12 +89,16 @@ def test_instdiffedit_batches_its_seeds_and_dpl_stays_within_its_caps(sd15):
     mask_steps = int(S * 0.5)
     # mask phase: n seeds x (cond, uncond) in one call per step; finish: S calls of 2 rows on the inpainting UNet
     assert inst.counts.calls == [(2 * SEEDS, False, False)] * mask_steps + [(2, False, False)] * S
+    assert (inst.counts.vae_encodes, inst.counts.vae_decodes) == (2, 1)  # photo, inpainting input; result
     dpl = results["DPL inversion + P2P edit"]
     updates, nt = dpl.details["token_updates"], dpl.details["null_text_iterations"]
     assert len(updates) == S and all(0 <= u <= K for u in updates) and S <= nt <= J * S
     evaluations = sum(u + (u < K) for u in updates)  # evaluate, test, update: one more evaluation when stopped early
     fwd = S + evaluations + 2 * S + nt  # DDIM pass, token evaluations, cond pass + final uncond pass per step, NT
-    assert passes(dpl) == (fwd + S, 0, fwd + 4 * S, sum(updates) + nt)
+    # the token evaluations end after the last 16x16 cross-attention layer (the losses read only those maps)
+    assert passes(dpl) == (fwd + S, evaluations, fwd + 4 * S, sum(updates) + nt)
+    evals = [c for c in dpl.counts.calls if c[1]]  # cond-only, one row; every update backpropagates its evaluation
+    assert all(c[0] == 1 for c in evals) and sum(c[2] for c in evals) == sum(updates)
     assert dpl.counts.clip_backwards == sum(updates)  # the token rows are learned through the text encoder
     assert dpl.backwards <= S * (K + J)
 
@@ -113,8 +118,8 @@ def test_masafusion_and_attention_mask_pass_counts(sd15):
 
 def test_results_file_and_count_based_estimate(sd15, tmp_path):
     results, text = sd15
-    assert "<!-- bench:cpu-sd15 -->" in text and "| DPL inversion + P2P edit |" in text
-    assert "time / KSampler" in text and "est. H100 (s)" in text
+    assert "<!-- bench:cpu-sd15-2steps-cheap -->" in text and "| DPL inversion + P2P edit |" in text
+    assert "time / KSampler" in text and "est. H100 (s)" in text and "CPU time (s)" in text
     assert results["plain KSampler (baseline)"].cpu_ratio == 1.0
     # the estimate is the stated per-call model: 2 CFG calls of 2 rows at the 40 ms floor, 2 text encodes at 5 ms
     base = results["plain KSampler (baseline)"].counts
@@ -137,4 +142,68 @@ def test_sdxl_rows_run_on_the_tiny_sdxl_model(tmp_path):
     i, g = mag.details["null_text_iterations"], benchmark.Settings.cheap(S).mag_guidance_steps
     assert passes(mag) == (3 * S + i + S + g * M, g * M, 3 * S + i + 4 * S + 2 * g * M, i + g * M)
     assert results["plain KSampler (baseline)"].counts.clip_forwards == 2 * 2  # clip_l and clip_g per encode
-    assert "<!-- bench:cpu-sdxl -->" in text
+    assert "<!-- bench:cpu-sdxl-2steps-cheap -->" in text
+
+
+# ------------------------------------------------------------------------------------------------ optimisations
+def test_attention_calls_take_sigma_from_the_run_not_from_the_device_tensor():
+    """_make_call must not read extra_options["sigmas"] (a GPU tensor: one sync per attention call) when the
+    denoiser has put the sigma on the run."""
+    import torch
+    from conftest import pkg
+
+    hooks, keys, run_mod = pkg("attention.hooks"), pkg("attention.keys"), pkg("attention.run")
+
+    class DeviceSigmas:
+        def __getitem__(self, i):
+            raise AssertionError("read the device sigma tensor")
+
+    sigmas = torch.tensor([14.6, 3.0, 0.0])
+    run = run_mod.RunState(sigmas, ("source",))
+    run.sigma = 3.0
+    q = k = v = torch.zeros(2, 4, 8)
+    options = {"n_heads": 2, "original_shape": (2, 4, 2, 2), "block": ("input", 1), "block_index": 0,
+               "cond_or_uncond": [1, 0], "sigmas": DeviceSigmas(), keys.RUN: run}
+    call = hooks._make_call(q, k, v, options, "self")
+    assert call.sigma == 3.0 and call.step == 1
+    run.sigma = None  # outside a denoiser call (foreign samplers): the host tensor is read as before
+    options["sigmas"] = torch.tensor([14.6])
+    assert hooks._make_call(q, k, v, options, "self").step == 0
+
+
+def test_run_sigma_equals_the_host_sigma_tensor_in_every_attention_call(tiny, monkeypatch):
+    """On a real chain (inversion, P2P + MAG-Edit edit) the denoiser's sigma is bit-identical to the host tensor."""
+    import torch
+    from conftest import call_node, make_image, pkg
+
+    hooks, keys = pkg("attention.hooks"), pkg("attention.keys")
+    original, seen = hooks._make_call, []
+
+    def checked(q, k, v, extra_options, kind):
+        run, host = extra_options.get(keys.RUN), extra_options.get("sigmas")
+        if run is not None and host is not None:
+            seen.append(run.sigma is not None and bool(torch.all(host == run.sigma)))
+        return original(q, k, v, extra_options, kind)
+
+    monkeypatch.setattr(hooks, "_make_call", checked)
+    image = make_image(128)
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=benchmark.SOURCE,
+                    method="null_text", steps=2, cfg=7.5, image=image, vae=tiny.vae, inner_steps=1)[0]
+    hook = call_node("AttnEditAttentionHook", model=tiny.model, clip=tiny.clip, source_prompt=benchmark.SOURCE,
+                     target_prompt=benchmark.MAG_TARGET, mode="refine", cross_replace=0.8, self_replace=0.5)[0]
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 32:96] = 1.0
+    guided = call_node("AttnEditMAGGuidance", model=hook, inversion=inv, mask=mask, target_words="white",
+                       constraint="token_ratio", max_iterations=1, guidance_steps=1, scale=2.5, blend_steps=1)[0]
+    call_node("AttnEditEditSampler", model=guided, inversion=inv)
+    assert len(seen) > 100 and all(seen)
+
+
+def test_op_counting_finds_no_tensor_reads_per_attention_call(tmp_path):
+    """--count-ops: aten ops inside UNet forwards and tensor -> Python reads. Reading the sigma tensor in every
+    attention call (a GPU sync each; 32 calls per SD1.x forward) would add ~30 reads per forward."""
+    results, text = run(tmp_path, "--only", "DDIM", "--count-ops")
+    base, ddim = results["plain KSampler (baseline)"], results["DDIM inversion"]
+    assert ddim.scalar_reads < 8 * ddim.forwards
+    assert base.ops_per_forward > 500 and ddim.ops_per_forward == pytest.approx(base.ops_per_forward, rel=0.1)
+    assert ddim.launch_factor >= 1.0 and "aten ops / UNet fwd | scalar reads |" in text
