@@ -68,10 +68,13 @@ def _make_call(q, k, v, extra_options: dict, kind: str) -> AttnCall:
     block = extra_options.get("block") or ("unknown", 0)
     site = AttnSite(block[0], int(block[1]), int(extra_options.get("block_index", 0)), level)
     layout = BatchLayout.from_call(q.shape[0], extra_options.get("cond_or_uncond", [0]))
-    sigmas = extra_options.get("sigmas")
-    sigma = float(sigmas[0]) if sigmas is not None else 0.0
-    return AttnCall(q, k, v, int(extra_options["n_heads"]), kind, site, (h, w), layout,
-                    extra_options.get(keys.RUN), sigma)
+    run = extra_options.get(keys.RUN)
+    if run is not None and run.sigma is not None:  # our denoiser's value: no GPU sync per attention call
+        sigma = run.sigma
+    else:
+        sigmas = extra_options.get("sigmas")
+        sigma = float(sigmas[0]) if sigmas is not None else 0.0
+    return AttnCall(q, k, v, int(extra_options["n_heads"]), kind, site, (h, w), layout, run, sigma)
 
 
 def _split_extra(k, v, extra_options):
@@ -93,7 +96,7 @@ def _dispatch(q, k, v, extra_options, kind):
     extra = {}
     if kind == "cross":
         k, v, extra = _split_extra(k, v, extra_options)
-    if not controllers and run is None:
+    if not controllers and (run is None or run.capture is None):  # nothing to edit or record: the host's kernel
         return default_attention(q, k, v, extra_options["n_heads"], extra_options)
     call = _make_call(q, k, v, extra_options, kind)
     call.extra = extra

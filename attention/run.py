@@ -96,6 +96,9 @@ class RunState:
     capture: CaptureSpec | None = None
     step: int = 0
     image: int = 0  # which image of the node's batch this call processes (samplers run image by image)
+    # sigma of the denoiser call in progress, as the host's (float32) sigma tensor holds it: attention calls read it
+    # here instead of from extra_options["sigmas"], a device tensor whose read would synchronise with the GPU
+    sigma: float | None = None
     # Wrapper knobs for the next UNet calls (see attention/hooks.py: unet wrapper)
     context_override: dict[int, torch.Tensor] = field(default_factory=dict)
     compute_labels: frozenset[int] | None = None
@@ -111,6 +114,7 @@ class RunState:
     grids: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     # Free-form per-technique state (masks, banks), keyed by the technique
     scratch: dict[Any, Any] = field(default_factory=dict)
+    _steps: dict[float, int] = field(default_factory=dict, repr=False)  # step_of memo (sigmas never change)
 
     def __deepcopy__(self, memo):
         return self
@@ -121,7 +125,11 @@ class RunState:
 
     def step_of(self, sigma: float) -> int:
         """Index of the schedule sigma nearest to `sigma` (how patches find the step without counting calls)."""
-        return int((self.sigmas[:-1].float() - float(sigma)).abs().argmin())
+        sigma = float(sigma)
+        step = self._steps.get(sigma)
+        if step is None:  # every attention call of a forward asks with the same sigma: compute once
+            step = self._steps[sigma] = int((self.sigmas[:-1].float() - sigma).abs().argmin())
+        return step
 
     def record(self, call: AttnCall, probs: torch.Tensor) -> None:
         """Record post-edit probs of a captured layer (live per-head and/or running head-mean sums)."""
@@ -164,6 +172,7 @@ class RunState:
         self.counts.clear()
         self.scratch.clear()
         self.compute_labels = None
+        self.sigma = None
 
 
 @dataclass
@@ -181,13 +190,19 @@ class AttnCall:
     run: RunState | None
     sigma: float
     _probs: torch.Tensor | None = None
+    _step: int | None = None
     # Cross-attention only: {name: (k, v)} of context tokens that context patchers appended after the prompt's
     # tokens (hooks.add_context_patch); q/k/v above hold the prompt's tokens only.
     extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def step(self) -> int | None:
-        return None if self.run is None else self.run.step_of(self.sigma)
+        """Step of the run's schedule this call belongs to (looked up once per call)."""
+        if self.run is None:
+            return None
+        if self._step is None:
+            self._step = self.run.step_of(self.sigma)
+        return self._step
 
     def probs(self) -> torch.Tensor:
         """Unedited softmax attention [R, H, N, T] in float32 (computed once per call)."""

@@ -95,6 +95,14 @@ def require_family(model, technique: str, families: tuple[str, ...] = SUPPORTED_
     return family
 
 
+def count_sites(model, kind: str, level: int) -> int:
+    """Attention calls of `kind` ("cross" / "self") at `level` in one UNet forward: a capture holding that many live
+    maps may end the forward (CaptureSpec.stop_after). Every transformer site has one self and one cross call."""
+    if kind not in ("cross", "self"):
+        raise ValueError(f"kind must be 'cross' or 'self', not {kind!r}")
+    return sum(1 for s in hooks.unet_sites(model) if s.level == level)
+
+
 def model_fingerprint(model) -> tuple:
     """Identity of the diffusion model under any patches: inversions are only valid for the model they were made on."""
     base = model.model
@@ -205,11 +213,13 @@ class ComfyDenoiser:
         run.context_override = dict(context or {})
         run.compute_labels = labels
         run.fill = dict(fill or {})
+        # the value the host's sigma tensor holds (x.dtype), known here without reading the device tensor back
+        run.sigma = float(torch.tensor(float(sigma), dtype=x.dtype))
         try:
             sigma_in = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
             return self.model_k(x, sigma_in, **self.extra_args)
         finally:
-            run.context_override, run.compute_labels, run.fill = {}, None, {}
+            run.context_override, run.compute_labels, run.fill, run.sigma = {}, None, {}, None
 
     def outputs(self, label: int) -> torch.Tensor | None:
         return self.run.outputs.get(label)

@@ -19,6 +19,7 @@ Differences from the paper / official code (all documented in docs/dpl.md):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import torch
 
 from ..attention import dpl as losses_mod
 from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL, semantic_grid
-from ..attention.run import COND, UNCOND, CaptureSpec, RunState
+from ..attention.run import COND, UNCOND, CaptureComplete, CaptureSpec, RunState
 from ..masks.background import BACKGROUND_CLUSTERS, BACKGROUND_THRESHOLD, estimate_background
 from ..masks.ops import mask_to_grid
 from . import comfy_model, engine, null_text
@@ -116,13 +117,19 @@ def estimate_from_run(run: RunState, nouns: Sequence[Sequence[int]], settings: D
 
 
 def _evaluate(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
-              nouns: list[list[int]], background: torch.Tensor | None, settings: DPLSettings):
-    """One conditional-only forward with the current rows; returns (losses (Eq. 9), maps A [h, w, T] detached)."""
+              nouns: list[list[int]], background: torch.Tensor | None, settings: DPLSettings,
+              stop_after: int | None = None):
+    """One conditional-only forward with the current rows; returns (losses (Eq. 9), maps A [h, w, T] detached).
+
+    stop_after: the number of cross-attention sites at the loss level; the forward then ends after the last of them
+    (the losses read only those maps, so the rest of the UNet would be computed, and kept for backward, in vain).
+    """
     cond = encoder.encode(rows)
     run.capture = CaptureSpec(cross_levels=frozenset({settings.level}), labels=frozenset({COND}), live=True,
-                              accumulate=False)
+                              accumulate=False, stop_after=stop_after)
     try:
-        den(x_bar, sigma, context={COND: cond}, labels=frozenset({COND}))
+        with contextlib.suppress(CaptureComplete):
+            den(x_bar, sigma, context={COND: cond}, labels=frozenset({COND}))
         live = [m for m in run.live if m.kind == "cross" and m.site.level == settings.level]
         probs, grid = [m.probs for m in live], (live[0].grid if live else (0, 0))
     finally:
@@ -134,7 +141,7 @@ def _evaluate(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.
 
 def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
                     step: int, steps: int, nouns: list[list[int]], background: torch.Tensor | None,
-                    settings: DPLSettings, on_iteration: Callable[[], None]):
+                    settings: DPLSettings, on_iteration: Callable[[], None], stop_after: int | None = None):
     """Alg. 1 lines 9-14 at one step: update the noun rows with AdamW on L (Eq. 9) until every loss is under its
     threshold (Eq. 10) or `token_iterations` evaluations were made (as the code: evaluate, test, then update).
 
@@ -146,7 +153,7 @@ def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: 
     first = last = (0.0, 0.0, 0.0)
     updates, maps = 0, None
     for j in range(settings.token_iterations):
-        losses, maps = _evaluate(den, run, encoder, params, x_bar, sigma, nouns, background, settings)
+        losses, maps = _evaluate(den, run, encoder, params, x_bar, sigma, nouns, background, settings, stop_after)
         last = losses.values()
         first = last if j == 0 else first
         if losses.below(th) or not losses.total.requires_grad:
@@ -164,6 +171,7 @@ def _dpl_pass(model, encoder: RowEncoder, source, negative, latent, sigmas, cfg,
     run = RunState(sigmas, ("source",))
     uncond0 = context_of(negative, "negative")
     steps = len(sigmas) - 1
+    stop_after = comfy_model.count_sites(model, "cross", settings.level) or None
 
     def algorithm(den, x):
         comfy_model.make_autograd_safe(encoder.clip.cond_stage_model)
@@ -177,7 +185,7 @@ def _dpl_pass(model, encoder: RowEncoder, source, negative, latent, sigmas, cfg,
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             if settings.token_iterations > 0:
                 rows, log, maps = optimise_tokens(den, run, encoder, rows, x_bar, sigma, i, steps, nouns, bg,
-                                                  settings, lambda: progress(1, None))
+                                                  settings, lambda: progress(1, None), stop_after)
                 progress(settings.token_iterations - log.iterations, None)
                 logs.append(log)
                 maps_sum = maps if maps_sum is None else maps_sum + maps

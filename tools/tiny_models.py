@@ -190,18 +190,19 @@ def constant_eps_model(model, eps: torch.Tensor):
 TINY_ADAPTER_CHANNELS = [32, 64, 128, 128]  # TINY_SD1_UNET model_channels * channel_mult: one feature per level
 
 
-def make_t2i_adapter(seed: int = 3, hint_channels: int = 3):
+def make_t2i_adapter(seed: int = 3, hint_channels: int = 3, channels: list[int] | None = None):
     """A tiny T2I-Adapter (ComfyUI's comfy.t2i_adapter.adapter.Adapter, random weights) matched to the tiny UNet,
     wrapped exactly as Load ControlNet Model wraps an adapter file (comfy.controlnet.load_t2i_adapter -> T2IAdapter).
 
     Its four features (latent resolution and three halvings) are added after input blocks 2, 5, 8 and 11, as SD1.x
-    T2I-Adapters are. Apply it with core ControlNetApply / ControlNetApplyAdvanced.
+    T2I-Adapters are. Apply it with core ControlNetApply / ControlNetApplyAdvanced. `channels` [320, 640, 1280, 1280]
+    gives the full-size SD1.x adapter architecture (the benchmark's GPU mode).
     """
     import comfy.controlnet
     from comfy.t2i_adapter.adapter import Adapter
 
     with torch.no_grad():
-        net = Adapter(channels=TINY_ADAPTER_CHANNELS, nums_rb=2, cin=hint_channels * 64, ksize=1, sk=True,
+        net = Adapter(channels=list(channels or TINY_ADAPTER_CHANNELS), nums_rb=2, cin=hint_channels * 64, ksize=1, sk=True,
                       use_conv=False, xl=False)
         init_weights(net, seed)
         return comfy.controlnet.load_t2i_adapter(net.state_dict())
