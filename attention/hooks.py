@@ -318,14 +318,15 @@ def _partial_call(prev, apply_model, args, c, labels, keep, per_chunk, run):
     total = x.shape[0]
     pieces: list[torch.Tensor | None] = [None] * len(labels)
     if keep:
-        rows = torch.cat([torch.arange(i * per_chunk, (i + 1) * per_chunk) for i in keep])
+        # made on the latent's device: a CPU index would be copied to the GPU (a stream sync) per UNet call
+        rows = torch.cat([torch.arange(i * per_chunk, (i + 1) * per_chunk, device=x.device) for i in keep])
         sub_c = {k: (v if k == "transformer_options" else _slice_rows(v, rows, total)) for k, v in c.items()}
         options = dict(c.get("transformer_options", {}))
         options["cond_or_uncond"] = [labels[i] for i in keep]
         if "uuids" in options:
             options["uuids"] = [options["uuids"][i] for i in keep]
         sub_c["transformer_options"] = options
-        sub = dict(args, input=x[rows.to(x.device)], timestep=args["timestep"][rows.to(x.device)], c=sub_c,
+        sub = dict(args, input=x[rows], timestep=args["timestep"][rows.to(args["timestep"].device)], c=sub_c,
                    cond_or_uncond=options["cond_or_uncond"])
         result = _call_inner(prev, apply_model, sub)
         for j, i in enumerate(keep):

@@ -48,14 +48,13 @@ def token_alpha(step: int, total_steps: int, windows: torch.Tensor) -> torch.Ten
 
 def replace_attention(src: torch.Tensor, mapper: torch.Tensor) -> torch.Tensor:
     """Word swap: target map [H, N, T] = source map [H, N, T] @ M [T, T]."""
-    return torch.einsum("hnw,wt->hnt", src, mapper.to(src, copy=True))
+    return torch.einsum("hnw,wt->hnt", src, mapper.to(src))
 
 
 def refine_attention(src: torch.Tensor, tgt: torch.Tensor, mapper: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
     """Refinement: aligned target tokens read their source token, new tokens keep the target's own attention."""
-    # copies: controller tensors are made under the executor's inference mode and may not enter autograd (MAG-Edit)
-    alphas = alphas.to(src, copy=True)
-    return src[..., mapper.to(src.device, copy=True)] * alphas + tgt * (1.0 - alphas)
+    alphas = alphas.to(src)
+    return src[..., mapper.to(src.device)] * alphas + tgt * (1.0 - alphas)
 
 
 def blockwise(fn, *maps: torch.Tensor) -> torch.Tensor:
@@ -95,33 +94,44 @@ class PromptToPrompt(Controller):
         if call.run is None or not call.role_rows(COND, TARGET):
             return False
         step, total = call.step, call.run.total_steps
-        if call.kind == "cross":
-            return bool(token_alpha(step, total, self.cross_windows).any())
+        if call.kind == "cross":  # the same answer for every call of a step: computed once per run and step
+            return call.run.memo((self, "active", step),
+                                 lambda: bool(token_alpha(step, total, self.cross_windows).any()))
         start, end = self_window_steps(self.self_window, total)
         return call.site.level >= self.self_min_level and start <= step < end
 
-    def _edited_cross(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def _edited_cross(self, src: torch.Tensor, tgt: torch.Tensor, run) -> torch.Tensor:
+        # The controller's tensors reach the kernels as per-run device copies (RunState.on_device): they are made
+        # under the executor's inference mode and may not enter autograd themselves (MAG-Edit), and a host->device
+        # copy per call would synchronise the GPU.
         if self.mode == "replace":
-            edited = replace_attention(src, self.mapper)
+            edited = replace_attention(src, run.on_device((self, "mapper"), lambda: self.mapper, src.device, src.dtype))
         elif self.mode == "refine":
-            edited = refine_attention(src, tgt, self.mapper, self.alphas)
+            mapper = run.on_device((self, "mapper"), lambda: self.mapper, src.device)
+            alphas = run.on_device((self, "alphas"), lambda: self.alphas, src.device, src.dtype)
+            edited = refine_attention(src, tgt, mapper, alphas)
         else:
             edited = src
         if self.equalizer is not None:
-            edited = edited * self.equalizer.to(edited, copy=True)
+            edited = edited * run.on_device((self, "equalizer"), lambda: self.equalizer, src.device, src.dtype)
         return edited
 
     def edit_probs(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor:
         src_rows, tgt_rows = call.role_rows(COND, SOURCE), call.role_rows(COND, TARGET)
         probs = probs.clone()
         if call.kind == "self":
-            probs[tgt_rows] = probs[src_rows]
+            for s, t in zip(src_rows, tgt_rows):  # int rows: a list index would be copied to the GPU on every call
+                probs[t] = probs[s]
             return probs
-        alpha = token_alpha(call.step, call.run.total_steps, self.cross_windows).to(probs)
+        run, step, total = call.run, call.step, call.run.total_steps
+        blocks = probs.shape[-1] // CHUNK
+        alpha = run.on_device((self, "alpha", step, blocks),
+                              lambda: token_alpha(step, total, self.cross_windows).repeat(blocks), probs.device,
+                              probs.dtype)
+        edit = lambda src, tgt: self._edited_cross(src, tgt, run)  # noqa: E731
         for s, t in zip(src_rows, tgt_rows):
-            edited = blockwise(self._edited_cross, probs[s], probs[t])
-            a = alpha.repeat(probs.shape[-1] // CHUNK)
-            probs[t] = edited * a + probs[t] * (1.0 - a)
+            edited = blockwise(edit, probs[s], probs[t])
+            probs[t] = edited * alpha + probs[t] * (1.0 - alpha)
         return probs
 
 

@@ -115,6 +115,7 @@ class RunState:
     # Free-form per-technique state (masks, banks), keyed by the technique
     scratch: dict[Any, Any] = field(default_factory=dict)
     _steps: dict[float, int] = field(default_factory=dict, repr=False)  # step_of memo (sigmas never change)
+    _memo: dict = field(default_factory=dict, repr=False)  # memo / on_device
 
     def __deepcopy__(self, memo):
         return self
@@ -130,6 +131,26 @@ class RunState:
         if step is None:  # every attention call of a forward asks with the same sigma: compute once
             step = self._steps[sigma] = int((self.sigmas[:-1].float() - sigma).abs().argmin())
         return step
+
+    def memo(self, key, make):
+        """`make()` computed once per run: what every attention call of a step would otherwise recompute."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def on_device(self, key, make, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`make()` (a small constant a controller keeps on the CPU) copied to `device` / `dtype` once per run.
+
+        Every attention call needs such constants (P2P's token windows and mappers); copying them from pageable host
+        memory on every call would synchronise the GPU stream each time, so the CPU could no longer queue kernels
+        ahead. Keyed also by inference mode: a copy made under the executor's inference mode is an inference tensor
+        that autograd (MAG-Edit) may not save, so grad-mode calls get their own normal copy.
+        """
+        def copy():
+            value = make()
+            return value.to(device=device, dtype=dtype or value.dtype, copy=True)
+
+        return self.memo(("on_device", key, device, dtype, torch.is_inference_mode_enabled()), copy)
 
     def record(self, call: AttnCall, probs: torch.Tensor) -> None:
         """Record post-edit probs of a captured layer (live per-head and/or running head-mean sums)."""
@@ -171,6 +192,7 @@ class RunState:
         self.sums.clear()
         self.counts.clear()
         self.scratch.clear()
+        self._memo.clear()
         self.compute_labels = None
         self.sigma = None
 

@@ -119,11 +119,14 @@ def test_masafusion_and_attention_mask_pass_counts(sd15):
 def test_results_file_and_count_based_estimate(sd15, tmp_path):
     results, text = sd15
     assert "<!-- bench:cpu-sd15-2steps-cheap -->" in text and "| DPL inversion + P2P edit |" in text
-    assert "time / KSampler" in text and "est. H100 (s)" in text and "CPU time (s)" in text
+    assert "time / KSampler" in text and "est. H100 eager (s)" in text and "est. H100 graph (s)" in text and "CPU time (s)" in text
     assert results["plain KSampler (baseline)"].cpu_ratio == 1.0
     # the estimate is the stated per-call model: 2 CFG calls of 2 rows at the 40 ms floor, 2 text encodes at 5 ms
     base = results["plain KSampler (baseline)"].counts
     assert benchmark.estimate_seconds(base, "sd15") == pytest.approx((2 * 40 + 2 * 5) / 1000)
+    # as CUDA graphs the 10 ms floor no longer binds: 2 rows x 8 ms of compute per call
+    assert benchmark.estimate_seconds(base, "sd15", graph=True) == pytest.approx((2 * 16 + 2 * 5) / 1000)
+    assert benchmark.estimate_seconds(base, "sd15", launch_factor=1.5) == pytest.approx((2 * 60 + 2 * 5) / 1000)
     # sections are replaced in place, the rest of the file is kept
     path = tmp_path / "b.md"
     path.write_text("intro\n\n<!-- bench:x -->\nold\n<!-- /bench:x -->\n\ntail\n")

@@ -100,3 +100,54 @@ def test_local_blend_mask_hand_computed():
     assert mask[0, 0].sum() == 4 and mask[0, 0, 2:4, 2:4].eq(1).all()  # one 4x4 cell -> 2x2 latent pixels
     dilated = p2p.local_blend_mask(maps, [[3], []], (8, 8), (4, 4), threshold=0.3, dilation=1)
     assert dilated[0, 0].sum() == 36 and dilated[1].sum() == 0  # 3x3 cells after max-pool; no words -> empty
+
+
+def test_controller_constants_reach_the_device_once_per_run_and_stay_out_of_autograd(clip):
+    """Per attention call, P2P must not copy its CPU constants (token windows, mapper, alphas, equalizer) to the
+    device again: on a GPU each host->device copy from pageable memory synchronises the stream. Checked on the meta
+    device: the first call of a step copies, the next calls of that step copy nothing. A grad-mode call (MAG-Edit)
+    after an inference-mode one gets its own copies, so backward works."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    run_mod, layers = pkg("attention.run"), pkg("attention.layers")
+    src, tgt = tok(clip, "a photo of a cat"), tok(clip, "a photo of a fluffy cat")
+    ctrl = p2p.build_controller(src, tgt, lambda w: tokens.word_token_ids(clip, w), "refine", 0.8, 0.4,
+                                reweight=[("fluffy", 2.0)])
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (run_mod.SOURCE, run_mod.TARGET))
+    layout = run_mod.BatchLayout.from_call(4, [1, 0])
+
+    def call(device, requires_grad=False):
+        q = torch.zeros(4, 16, 8, device=device)
+        c = run_mod.AttnCall(q, q, q, 2, "cross", layers.AttnSite("output", 7, 0, 1), (4, 4), layout, run,
+                             float(run.sigmas[2]))
+        probs = torch.rand(4, 2, 16, 77, device=device, requires_grad=requires_grad)
+        return c, probs
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.device.type not in devices | {"cpu"} and "cpu" in devices:
+                Copies.n += 1
+            return out
+
+    with torch.inference_mode():
+        with Copies():
+            ctrl.edit_probs(*call("meta"))
+        first = Copies.n
+        with Copies():
+            for _ in range(3):
+                ctrl.edit_probs(*call("meta"))
+    assert first > 0 and Copies.n == first  # nothing copied after the first call of the step
+    # values (labels [1, 0]: rows 2 and 3 are the conditional source and target): inside the window the target row
+    # takes the aligned tokens from the source, keeps its new word, and the new word is reweighted (x2)
+    c, probs = call("cpu", requires_grad=True)
+    out = ctrl.edit_probs(c, probs)
+    out.sum().backward()  # the inference-mode copies above are not used under autograd
+    expected = (probs[2][..., ctrl.mapper] * ctrl.alphas + probs[3] * (1 - ctrl.alphas)) * ctrl.equalizer
+    assert torch.allclose(out[3], expected)
+    assert torch.equal(out[:3], probs[:3]) and probs.grad is not None
+    run.clear()
+    assert not run._memo
