@@ -125,6 +125,7 @@ class QueryGroup:
     queries: torch.Tensor
     from_source: bool
     keys: torch.Tensor | None = None
+    index: torch.Tensor | None = None  # queries.nonzero() when precomputed (indexed_groups)
 
     @property
     def normal(self) -> bool:
@@ -163,6 +164,12 @@ def adaptation_groups(fg_queries: torch.Tensor, ms_keys: torch.Tensor, mt_keys: 
     return out
 
 
+def indexed_groups(groups: list[QueryGroup]) -> list[QueryGroup]:
+    """`groups` with their query indices precomputed (each nonzero() reads the mask back from the GPU)."""
+    return [g if g.normal else QueryGroup(g.queries, g.from_source, g.keys, g.queries.nonzero().squeeze(-1))
+            for g in groups]
+
+
 def adapt_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_src: torch.Tensor, v_src: torch.Tensor,
                          heads: int, normal: torch.Tensor, groups: list[QueryGroup]) -> torch.Tensor:
     """Self-attention output of target rows under the preservation adaptation (Eq. 1-3), [R, N, H*D].
@@ -175,7 +182,7 @@ def adapt_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_sr
     for g in groups:
         if g.normal:
             continue
-        idx = g.queries.nonzero().squeeze(-1)
+        idx = g.index if g.index is not None else g.queries.nonzero().squeeze(-1)
         keys, values = (k_src, v_src) if g.from_source else (k, v)
         mask = None if g.keys is None else g.keys.view(1, 1, 1, -1)
         out[:, idx] = masked_attention(q[:, idx], keys, values, heads, mask).to(out.dtype)
@@ -284,8 +291,9 @@ class CPAMController(Controller):
     def target_mask(self, call: AttnCall, step: int) -> torch.Tensor:
         """M_t at this layer's grid, [N] bool: M_s for the first T_m steps (Sec. 3.4), then the refined mask of the
         run (when the strategy refines and a refinement exists) or the static clone."""
-        if self.strategy.target_mask == "empty":
-            return torch.zeros(call.q.shape[1], dtype=torch.bool, device=call.q.device)
+        if self.strategy.target_mask == "empty":  # one tensor per grid for the run: `_self` memoises by identity
+            return call.run.memo((self, "empty", call.q.shape[1], call.q.device),
+                                 lambda: torch.zeros(call.q.shape[1], dtype=torch.bool, device=call.q.device))
         if step < self.refine_step:
             return self.source_mask(call)
         refined = call.run.scratch.get(REFINED_MASK) if self.strategy.refine else None
@@ -314,12 +322,17 @@ class CPAMController(Controller):
             return out
         layer = self.layers[(call.site.block, call.site.index)]
         s = self.strategy
-        free = bool(self.free_layers[min(step, self.free_layers.shape[0] - 1), layer])
+        free = call.run.memo((self, "free", step, layer),
+                             lambda: bool(self.free_layers[min(step, self.free_layers.shape[0] - 1), layer]))
         retained = s.retain_object and step >= self.start_step and layer >= self.start_layer
-        m_t = self.target_mask(call, step)
-        groups = adaptation_groups(m_t, self.source_mask(call), m_t, object_from_source=retained,
-                                   background_from_source=s.preserve_background, free=free,
-                                   background_only=s.background_only)
+        m_t, m_s = self.target_mask(call, step), self.source_mask(call)
+        # The groups depend only on these (run-cached, hence run-lived) grid masks and the flags: built once per run,
+        # not per layer call, since their emptiness tests and indices read the masks back from the GPU.
+        groups = call.run.memo(
+            (self, "groups", id(m_t), id(m_s), free, retained),
+            lambda: indexed_groups(adaptation_groups(m_t, m_s, m_t, object_from_source=retained,
+                                                     background_from_source=s.preserve_background, free=free,
+                                                     background_only=s.background_only)))
         if all(g.normal for g in groups):
             return out
         out = out.clone()

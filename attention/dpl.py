@@ -160,7 +160,8 @@ class Losses:
         return at < th.at and dj < th.dj and bg < th.bg
 
     def values(self) -> tuple[float, float, float]:
-        return float(self.at.detach()), float(self.dj.detach()), float(self.bg.detach())
+        at, dj, bg = torch.stack([self.at, self.dj, self.bg]).detach().float().tolist()  # one GPU read, not three
+        return at, dj, bg
 
 
 def dpl_losses(maps: torch.Tensor, nouns: Sequence[Sequence[int]], background: torch.Tensor | None,

@@ -340,6 +340,6 @@ def source_copied_positions(controller, total_steps: int, guided_steps: int) -> 
         alpha = token_alpha(step, total_steps, controller.cross_windows)
         if controller.mode == "refine":
             alpha = alpha * controller.alphas.to(alpha)
-        now = {p for p in range(CHUNK) if alpha[p] > 0}
+        now = set((alpha[:CHUNK] > 0).nonzero().flatten().tolist())
         copied = now if copied is None else copied & now
     return copied or set()
