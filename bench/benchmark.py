@@ -730,8 +730,20 @@ def section_text(env: dict, args, family_label: str, size: int, settings: Settin
         cheap += " (the timed run also counted ops: its times include that overhead)"
     head = [f"{env['device']}; torch {env['torch']}; ComfyUI {env['comfyui']}; Python {env['python']}.",
             f"{family_label} at {size} px, {settings.steps} steps, CFG {CFG:g}{cheap}; time = median of {args.runs} "
-            f"run(s) after {args.warmup} warm-up(s). Command: `python bench/benchmark.py {' '.join(args.argv)}`", ""]
+            f"run(s) after {args.warmup} warm-up(s). Command: `python bench/benchmark.py {command(args.argv)}`", ""]
     return "\n".join(head + table(results, family, gpu)) + "\n"
+
+
+def command(argv: list[str]) -> str:
+    """The command line as recorded in the results file: without --out (a section is the same wherever written)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a == "--out":
+            skip = not skip and a == "--out"
+            continue
+        if not a.startswith("--out="):
+            kept.append(a)
+    return " ".join(kept)
 
 
 def write_section(path: str, section: str, body: str) -> None:

@@ -119,6 +119,7 @@ def test_masafusion_and_attention_mask_pass_counts(sd15):
 def test_results_file_and_count_based_estimate(sd15, tmp_path):
     results, text = sd15
     assert "<!-- bench:cpu-sd15-2steps-cheap -->" in text and "| DPL inversion + P2P edit |" in text
+    assert "--out" not in text  # the recorded command is the same wherever the section was written
     assert "time / KSampler" in text and "est. H100 eager (s)" in text and "est. H100 graph (s)" in text and "CPU time (s)" in text
     assert results["plain KSampler (baseline)"].cpu_ratio == 1.0
     # the estimate is the stated per-call model: 2 CFG calls of 2 rows at the 40 ms floor, 2 text encodes at 5 ms
