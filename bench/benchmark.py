@@ -653,9 +653,10 @@ def measure(ctx: BenchContext, wf: Workflow, counter: PassCounter, runs: int, wa
 # encodes / decodes at fixed costs (backward 2x). The second estimate replaces the eager floor by `graph_floor_ms`, what
 # a pass costs when replayed as a CUDA graph (or compiled): the pack does not do that yet, so it is the headroom left.
 ESTIMATE = {
-    "sd15": {"floor_ms": 40.0, "graph_floor_ms": 10.0, "row_ms": 8.0, "partial": 0.6, "clip_ms": 5.0, "encode_ms": 25.0, "decode_ms": 40.0},
-    "sdxl": {"floor_ms": 65.0, "graph_floor_ms": 20.0, "row_ms": 40.0, "partial": 0.75, "clip_ms": 12.0, "encode_ms": 100.0,
-             "decode_ms": 200.0},
+    "sd15": {"floor_ms": 40.0, "graph_floor_ms": 10.0, "row_ms": 8.0, "partial": 0.6, "clip_ms": 5.0,
+             "encode_ms": 25.0, "decode_ms": 40.0},
+    "sdxl": {"floor_ms": 65.0, "graph_floor_ms": 20.0, "row_ms": 40.0, "partial": 0.75, "clip_ms": 12.0,
+             "encode_ms": 100.0, "decode_ms": 200.0},
 }
 
 
@@ -701,7 +702,8 @@ def table(results: list[Result], family: str, gpu: bool) -> list[str]:
     last = " syncs |" if gpu else ((" aten ops / UNet fwd | scalar reads |" if ops else "")
                                    + " est. H100 eager (s) | est. H100 graph (s) |")
     lines = [first + " target (s) | paper | UNet fwd calls (partial) | fwd rows | UNet bwd | CLIP fwd / bwd | "
-             "VAE enc / dec | time / KSampler |" + last, "|---|" + "---|" * (11 + (0 if gpu else 1) + (2 if ops and not gpu else 0))]
+             "VAE enc / dec | time / KSampler |" + last,
+             "|---|" + "---|" * (11 + (0 if gpu else 1) + (2 if ops and not gpu else 0))]
     for r in results:
         c = r.counts
         if gpu:
