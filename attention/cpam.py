@@ -277,12 +277,9 @@ class CPAMController(Controller):
 
     # ------------------------------------------------------------------ masks at a layer grid
     def _grid_mask(self, call: AttnCall, name: str, mask: torch.Tensor, step: int | None) -> torch.Tensor:
-        key = (SCRATCH, name, call.grid, step, call.q.device)
-        cached = call.run.scratch.get(key)
-        if cached is None:
-            grid = mask_to_grid(mask.to(call.q.device).float(), call.grid, binary=True)
-            cached = call.run.scratch[key] = grid.flatten().bool()
-        return cached
+        return call.run.memo((self, "grid", name, call.grid, step, call.q.device),
+                             lambda: mask_to_grid(mask.to(call.q.device).float(), call.grid, binary=True)
+                             .flatten().bool())
 
     def source_mask(self, call: AttnCall) -> torch.Tensor:
         """M_s at this layer's grid, [N] bool."""
@@ -291,7 +288,7 @@ class CPAMController(Controller):
     def target_mask(self, call: AttnCall, step: int) -> torch.Tensor:
         """M_t at this layer's grid, [N] bool: M_s for the first T_m steps (Sec. 3.4), then the refined mask of the
         run (when the strategy refines and a refinement exists) or the static clone."""
-        if self.strategy.target_mask == "empty":  # one tensor per grid for the run: `_self` memoises by identity
+        if self.strategy.target_mask == "empty":  # run-cached like every grid mask: `_self` memoises by identity
             return call.run.memo((self, "empty", call.q.shape[1], call.q.device),
                                  lambda: torch.zeros(call.q.shape[1], dtype=torch.bool, device=call.q.device))
         if step < self.refine_step:
@@ -326,7 +323,7 @@ class CPAMController(Controller):
                              lambda: bool(self.free_layers[min(step, self.free_layers.shape[0] - 1), layer]))
         retained = s.retain_object and step >= self.start_step and layer >= self.start_layer
         m_t, m_s = self.target_mask(call, step), self.source_mask(call)
-        # The groups depend only on these (run-cached, hence run-lived) grid masks and the flags: built once per run,
+        # The groups depend only on these (run-memoised, hence run-lived) grid masks and the flags: built once per run,
         # not per layer call, since their emptiness tests and indices read the masks back from the GPU.
         groups = call.run.memo(
             (self, "groups", id(m_t), id(m_s), free, retained),

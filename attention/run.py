@@ -114,8 +114,7 @@ class RunState:
     grids: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     # Free-form per-technique state (masks, banks), keyed by the technique
     scratch: dict[Any, Any] = field(default_factory=dict)
-    _steps: dict[float, int] = field(default_factory=dict, repr=False)  # step_of memo (sigmas never change)
-    _memo: dict = field(default_factory=dict, repr=False)  # memo / on_device
+    _memo: dict = field(default_factory=dict, repr=False)  # memo / on_device / step_of
 
     def __deepcopy__(self, memo):
         return self
@@ -126,11 +125,8 @@ class RunState:
 
     def step_of(self, sigma: float) -> int:
         """Index of the schedule sigma nearest to `sigma` (how patches find the step without counting calls)."""
-        sigma = float(sigma)
-        step = self._steps.get(sigma)
-        if step is None:  # every attention call of a forward asks with the same sigma: compute once
-            step = self._steps[sigma] = int((self.sigmas[:-1].float() - sigma).abs().argmin())
-        return step
+        sigma = float(sigma)  # every attention call of a forward asks with the same sigma: compute once
+        return self.memo(("step_of", sigma), lambda: int((self.sigmas[:-1].float() - sigma).abs().argmin()))
 
     def memo(self, key, make):
         """`make()` computed once per run: what every attention call of a step would otherwise recompute."""
