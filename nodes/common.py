@@ -41,6 +41,13 @@ def crop_to_multiple(image: torch.Tensor, multiple: int = 8, node: str = "") -> 
     return image[:, top:top + nh, left:left + nw, :]
 
 
+def warn(node: str, message: str) -> None:
+    """Tell the user that a setting cannot take effect as given (a knob past the run's end, an empty estimate...).
+
+    Every such notice goes through here, so that the log and the frontend say the same sentence."""
+    log.warning("[Attention Edit] %s: %s", node, message)
+
+
 def require(condition: bool, node: str, message: str) -> None:
     if not condition:
         raise AttnEditError(node, message)
