@@ -109,7 +109,7 @@ class Graph:
         for k, note in enumerate(notes):
             ui_nodes.append({"id": note.id, "type": "MarkdownNote", "pos": placed.pos[note.id], "size": placed.size[note.id],
                              "flags": {}, "order": len(self.nodes) + k, "mode": 0, "inputs": [], "outputs": [],
-                             "title": note.title, "properties": {"text": ""}, "widgets_values": [layout.markdown(note.text)],
+                             "title": note.title, "properties": {"text": ""}, "widgets_values": [layout.markdown(note.text, heading=note.stage is None)],
                              "color": layout.NOTE_COLOR, "bgcolor": layout.NOTE_BGCOLOR})
         return {"last_node_id": next_id + len(self.notes) - 1, "last_link_id": len(links), "nodes": ui_nodes,
                 "links": links, "groups": placed.groups, "config": {},

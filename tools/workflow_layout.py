@@ -31,8 +31,8 @@ PREVIEW_TYPES = {"AttnEditInvert", "PreviewImage", "SaveImage", "AttnEditAttenti
 TITLE_HEIGHT = 30
 SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 24  # 20 + 4 spacing
-MULTILINE_HEIGHT = 80  # a prompt textarea
-BODY_MARGIN = 14
+MULTILINE_HEIGHT = 72  # a prompt textarea
+BODY_MARGIN = 10
 NODE_WIDTH = 320
 PREVIEW_HEIGHT = 300  # a square picture at about the node's width
 COLUMN_GAP = 44  # room for links between columns
@@ -41,10 +41,11 @@ GROUP_PAD = 16
 GROUP_TITLE = 40
 GROUP_GAP = 36
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
-NOTE_CHAR_WIDTH = 7.6  # MarkdownNote text, ~14 px sans-serif
-NOTE_LINE_HEIGHT = 21
-NOTE_PAD = 36
-NOTE_PARAGRAPH_GAP = 12
+NOTE_CHAR_WIDTH = 5.6  # MarkdownNote text as frontend 1.27 draws it (measured: ~4.9 px per character)
+NOTE_LINE_HEIGHT = 11  # (measured: ~9 px)
+NOTE_HEADING_HEIGHT = 26  # the first line of a read-me note, as a Markdown heading
+NOTE_PAD = 30
+NOTE_PARAGRAPH_GAP = 8
 # The saved view: the frontend's canvas in a 1600x1000 window (side bar on the left, menu and tabs on top, the
 # minimap and canvas toolbar in the bottom-right corner).
 # Canvas coordinates (the canvas element starts right of the side bar and below the tabs and menu bar: about
@@ -119,17 +120,24 @@ def stages_of(boxes: list[NodeBox]) -> dict[int, str]:
     return out
 
 
-def note_height(text: str, width: int) -> int:
+def note_height(text: str, width: int, heading: bool = False) -> int:
     """Height a MarkdownNote needs to show `text` (one paragraph per line of `text`) without scrolling at `width`."""
     per_line = max(10, int((width - NOTE_PAD) / NOTE_CHAR_WIDTH))
     paragraphs = text.split("\n")
+    if heading:
+        paragraphs = paragraphs[1:]
     lines = sum(max(1, math.ceil(len(par) / per_line)) for par in paragraphs)
-    return lines * NOTE_LINE_HEIGHT + (len(paragraphs) - 1) * NOTE_PARAGRAPH_GAP + NOTE_PAD
+    return (lines * NOTE_LINE_HEIGHT + max(0, len(paragraphs) - 1) * NOTE_PARAGRAPH_GAP + NOTE_PAD
+            + (NOTE_HEADING_HEIGHT if heading else 0))
 
 
-def markdown(text: str) -> str:
-    """Note text as Markdown: every line of `text` its own paragraph (Markdown joins single newlines)."""
-    return "\n\n".join(text.split("\n"))
+def markdown(text: str, heading: bool = False) -> str:
+    """Note text as Markdown: every line of `text` its own paragraph (Markdown joins single newlines); with
+    `heading`, the first line is the note's heading."""
+    lines = text.split("\n")
+    if heading:
+        lines[0] = "### " + lines[0]
+    return "\n\n".join(lines)
 
 
 def _columns(stage_boxes: list[NodeBox], max_height: int) -> list[list[NodeBox]]:
@@ -203,7 +211,7 @@ def _arrange(boxes: list[NodeBox], notes: list[NoteBox], titles: dict[str, str] 
     width = max(x - GROUP_GAP, NODE_WIDTH)
     y = top
     for note in reversed([n for n in notes if n.stage not in STAGES]):  # stacked upwards above the groups
-        h = note_height(note.text, width)
+        h = note_height(note.text, width, heading=True)
         y -= h + ROW_GAP
         placed.pos[note.id], placed.size[note.id] = [0, y], [width, h]
         y -= TITLE_HEIGHT
