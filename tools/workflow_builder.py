@@ -95,7 +95,8 @@ class Graph:
             ui_nodes.append(entry)
             boxes.append(layout.NodeBox(
                 id=n.id, type=n.type, inputs=tuple(o.node.id for o in n.links.values()), stage=n.stage,
-                height=layout.node_height(spec, cls, linked=set(n.links)), preview=layout.shows_image(n.type, spec, cls)))
+                height=layout.node_height(spec, cls, linked=set(n.links),
+                                          optional_sockets=n.type.startswith("AttnEdit")), preview=layout.shows_image(n.type, spec, cls)))
         by_id = {e["id"]: e for e in ui_nodes}
         for (origin, slot), ids in out_links.items():
             by_id[origin]["outputs"][slot]["links"] = ids

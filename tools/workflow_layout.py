@@ -83,8 +83,12 @@ class Placed:
     view: dict = field(default_factory=dict)
 
 
-def node_height(spec: dict, cls, linked: set[str]) -> int:
-    """Body height the frontend gives a node: slot rows, then one row per widget (prompt boxes taller)."""
+def node_height(spec: dict, cls, linked: set[str], optional_sockets: bool = True) -> int:
+    """Body height the frontend gives a node: slot rows, then one row per widget (prompt boxes taller).
+
+    optional_sockets=False leaves unconnected optional sockets out: core nodes gain them between ComfyUI versions
+    (Apply ControlNet (Advanced)'s `vae`), and the saved workflow must be the same on every host; ROW_GAP absorbs
+    the extra row where the frontend adds it."""
     slots, widgets = 0, 0
     for section in ("required", "optional"):
         for name, s in spec.get(section, {}).items():
@@ -92,8 +96,10 @@ def node_height(spec: dict, cls, linked: set[str]) -> int:
             options = s[1] if isinstance(s, list | tuple) and len(s) > 1 and isinstance(s[1], dict) else {}
             is_widget = isinstance(kind, list | tuple) or (kind in ("INT", "FLOAT", "STRING", "BOOLEAN")
                                                             and not options.get("forceInput"))
-            if not is_widget or name in linked:
+            if name in linked or (not is_widget and (section == "required" or optional_sockets)):
                 slots += 1
+                continue
+            if not is_widget:
                 continue
             widgets += MULTILINE_HEIGHT if options.get("multiline") else WIDGET_HEIGHT
             if options.get("image_upload"):
