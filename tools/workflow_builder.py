@@ -75,7 +75,7 @@ class Graph:
 
     # ------------------------------------------------------------------------------------------------ serialise
     def to_ui(self) -> dict:
-        from nodes import NODE_CLASS_MAPPINGS
+        from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
         links, ui_nodes = [], []
         out_links: dict[tuple[int, int], list[int]] = {}
@@ -95,6 +95,7 @@ class Graph:
             ui_nodes.append(entry)
             boxes.append(layout.NodeBox(
                 id=n.id, type=n.type, inputs=tuple(o.node.id for o in n.links.values()), stage=n.stage,
+                width=layout.node_width(n.title or NODE_DISPLAY_NAME_MAPPINGS.get(n.type) or n.type),
                 height=layout.node_height(spec, cls, linked=set(n.links),
                                           optional_sockets=n.type.startswith("AttnEdit")), preview=layout.shows_image(n.type, spec, cls)))
         by_id = {e["id"]: e for e in ui_nodes}

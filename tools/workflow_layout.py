@@ -32,7 +32,8 @@ TITLE_HEIGHT = 30
 SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 24  # 20 + 4 spacing
 MULTILINE_HEIGHT = 72  # a prompt textarea
-BODY_MARGIN = 10
+BODY_MARGIN = 14
+TITLE_CHAR_WIDTH, TITLE_MARGIN = 6.4, 48  # frontend 1.27 widens a node to fit its title (measured: ~6.3 px/char + 44)
 NODE_WIDTH = 320
 PREVIEW_HEIGHT = 300  # a square picture at about the node's width
 COLUMN_GAP = 44  # room for links between columns
@@ -40,12 +41,14 @@ ROW_GAP = 30  # between one node's body and the next node's title
 GROUP_PAD = 16
 GROUP_TITLE = 40
 GROUP_GAP = 36
+SEED_NAMES = ("seed", "noise_seed")  # INT inputs the frontend gives a "control after generate" widget
 NOTE_COLOR, NOTE_BGCOLOR = "#432", "#653"
 NOTE_CHAR_WIDTH = 5.6  # MarkdownNote text as frontend 1.27 draws it (measured: ~4.9 px per character)
 NOTE_LINE_HEIGHT = 11  # (measured: ~9 px)
 NOTE_HEADING_HEIGHT = 26  # the first line of a read-me note, as a Markdown heading
 NOTE_PAD = 30
 NOTE_PARAGRAPH_GAP = 8
+NOTE_MIN_HEIGHT = 92  # the frontend's minimum for a MarkdownNote (measured: 88)
 # The saved view: the frontend's canvas in a 1600x1000 window (side bar on the left, menu and tabs on top, the
 # minimap and canvas toolbar in the bottom-right corner).
 # Canvas coordinates (the canvas element starts right of the side bar and below the tabs and menu bar: about
@@ -64,6 +67,7 @@ class NodeBox:
     stage: str | None
     height: int
     preview: bool
+    width: int = 0  # 0: NODE_WIDTH
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,15 @@ def node_height(spec: dict, cls, linked: set[str], optional_sockets: bool = True
             widgets += MULTILINE_HEIGHT if options.get("multiline") else WIDGET_HEIGHT
             if options.get("image_upload"):
                 widgets += WIDGET_HEIGHT  # the upload button
+            if kind == "INT" and (name in SEED_NAMES or options.get("control_after_generate")):
+                widgets += WIDGET_HEIGHT  # the frontend's "control after generate" widget
     rows = max(slots, len(cls.RETURN_TYPES))
     return rows * SLOT_HEIGHT + widgets + BODY_MARGIN
+
+
+def node_width(title: str) -> int:
+    """Width of a node: NODE_WIDTH, or wider where the frontend needs it for the title."""
+    return max(NODE_WIDTH, math.ceil(len(title) * TITLE_CHAR_WIDTH + TITLE_MARGIN))
 
 
 def shows_image(type_: str, spec: dict, cls) -> bool:
@@ -133,8 +144,8 @@ def note_height(text: str, width: int, heading: bool = False) -> int:
     if heading:
         paragraphs = paragraphs[1:]
     lines = sum(max(1, math.ceil(len(par) / per_line)) for par in paragraphs)
-    return (lines * NOTE_LINE_HEIGHT + max(0, len(paragraphs) - 1) * NOTE_PARAGRAPH_GAP + NOTE_PAD
-            + (NOTE_HEADING_HEIGHT if heading else 0))
+    return max(NOTE_MIN_HEIGHT, lines * NOTE_LINE_HEIGHT + max(0, len(paragraphs) - 1) * NOTE_PARAGRAPH_GAP
+               + NOTE_PAD + (NOTE_HEADING_HEIGHT if heading else 0))
 
 
 def markdown(text: str, heading: bool = False) -> str:
@@ -193,7 +204,9 @@ def _arrange(boxes: list[NodeBox], notes: list[NoteBox], titles: dict[str, str] 
         if not members:
             continue
         columns = _columns(members, max_height)
-        inner = len(columns) * NODE_WIDTH + (len(columns) - 1) * COLUMN_GAP
+        widths = [max(b.width or NODE_WIDTH for b in column) for column in columns]
+        lefts = [x + GROUP_PAD + sum(widths[:c]) + c * COLUMN_GAP for c in range(len(columns))]
+        inner = sum(widths) + (len(columns) - 1) * COLUMN_GAP
         y0 = top + GROUP_TITLE
         for note in (n for n in notes if n.stage == s):
             h = note_height(note.text, inner)
@@ -203,12 +216,13 @@ def _arrange(boxes: list[NodeBox], notes: list[NoteBox], titles: dict[str, str] 
         for c, column in enumerate(columns):
             y = y0
             for b in column:
-                placed.pos[b.id] = [x + GROUP_PAD + c * (NODE_WIDTH + COLUMN_GAP), y + TITLE_HEIGHT]
-                placed.size[b.id] = [NODE_WIDTH, box_height(b) - TITLE_HEIGHT]
+                placed.pos[b.id] = [lefts[c], y + TITLE_HEIGHT]
+                placed.size[b.id] = [widths[c], box_height(b) - TITLE_HEIGHT]
                 placed.order.append(b.id)
                 y += box_height(b) + ROW_GAP
             bottom = max(bottom, y - ROW_GAP)
-        spans.append((s, x, inner + 2 * GROUP_PAD, bottom + GROUP_PAD))
+        # one spare socket row at the bottom: a core node may show a socket its saved file leaves out
+        spans.append((s, x, inner + 2 * GROUP_PAD, bottom + GROUP_PAD + SLOT_HEIGHT))
         x += inner + 2 * GROUP_PAD + GROUP_GAP
     height = max((b for _, _, _, b in spans), default=0) - top
     for s, gx, gw, _ in spans:  # one height for every group: the stages read as one row
