@@ -156,6 +156,8 @@ def test_workflow_geometry(path):
         inside = [g for g in groups if layout.contains(g, rect)]
         if n["type"] in ("Note", "MarkdownNote") and not inside:
             assert rect[1] + rect[3] <= top, f"note {n.get('title')} overlaps the groups"
+            left, right = min(g[0] for g in groups), max(g[0] + g[2] for g in groups)
+            assert left <= rect[0] and rect[0] + rect[2] <= right, f"note {n.get('title')} is wider than the graph"
         else:
             assert len(inside) == 1, f"{n['type']} (node {n['id']}) is not inside exactly one group"
     view = ui["extra"]["ds"]
@@ -189,3 +191,23 @@ def test_no_deprecated_core_nodes():
             cls = nodes.NODE_CLASS_MAPPINGS.get(n["type"])
             assert cls is None or not getattr(cls, "DEPRECATED", False), f"{os.path.basename(path)}: {n['type']}"
             assert n["type"] != "ControlNetApply", f"{os.path.basename(path)} uses Apply ControlNet (OLD)"
+
+
+def test_every_workflow_has_an_honest_template_thumbnail():
+    """ComfyUI's template browser asks for <name>.jpg next to each workflow; it shows the example input, the mask box
+    the workflow draws and the edit it asks for (read from the workflow, never a result)."""
+    import thumbnails
+    from PIL import Image
+
+    for path in WORKFLOWS:
+        thumb = os.path.splitext(path)[0] + ".jpg"
+        assert os.path.isfile(thumb), f"{os.path.basename(thumb)} missing: run tools/build_workflows.py"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.size == thumbnails.SIZE
+    folder = os.path.dirname(WORKFLOWS[0])
+    assert thumbnails.edit_text(_load(os.path.join(folder, "02_nulltext_word_swap.json"))) == "cat  ->  tiger"
+    assert thumbnails.edit_text(_load(os.path.join(folder, "08_cpam_object_removal.json"))) == \
+        "removes the masked object"
+    x, y, w, h = thumbnails.mask_box(_load(os.path.join(folder, "07_mag_edit.json")))
+    assert 0 < x and 0 < y and 0 < w and 0 < h and x + w <= 1 and y + h <= 1  # fractions of the mask canvas
+    assert thumbnails.mask_box(_load(os.path.join(folder, "02_nulltext_word_swap.json"))) is None
