@@ -209,5 +209,9 @@ def test_every_workflow_has_an_honest_template_thumbnail():
     assert thumbnails.edit_text(_load(os.path.join(folder, "08_cpam_object_removal.json"))) == \
         "removes the masked object"
     x, y, w, h = thumbnails.mask_box(_load(os.path.join(folder, "07_mag_edit.json")))
-    assert 0 < x and 0 < y and 0 < w and 0 < h and x + w <= 1 and y + h <= 1  # fractions of the mask canvas
+    assert min(x, y, w, h) > 0 and x + w <= 1 and y + h <= 1  # fractions of the mask canvas
     assert thumbnails.mask_box(_load(os.path.join(folder, "02_nulltext_word_swap.json"))) is None
+    for path in WORKFLOWS:  # the read-me heading, not a stage note or Markdown syntax
+        name = os.path.splitext(os.path.basename(path))[0]
+        title = thumbnails.title_of(name, _load(path))
+        assert title.startswith(name[:2] + "  ") and "#" not in title and len(title) > 6, title

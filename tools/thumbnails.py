@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
@@ -20,6 +21,9 @@ BACKGROUND = (32, 32, 36)
 MASK_COLOUR = (255, 70, 70)
 TEXT = (235, 235, 235)
 MUTED = (170, 170, 180)
+TITLE_CHARS = 80  # what fits beside the picture
+SHORT_LABEL = 12  # a shorter text before ":" is a name that needs its explanation
+PROMPT_WORDS = 4  # a widget string with at least this many words is a prompt
 
 
 def _inputs(node: dict, names: list[str]) -> dict:
@@ -52,20 +56,18 @@ def mask_box(ui: dict) -> tuple[float, float, float, float] | None:
 
 
 def edit_text(ui: dict) -> str:
-    """The edit a workflow asks for: the words that change from source to target prompt, or its edit text."""
+    """The edit a workflow asks for: the words that change from its first prompt (the photo's caption) to the first
+    different prompt after it, or its edit text."""
+    prompts = []
     for n in ui["nodes"]:
+        if n["type"] in ("Note", "MarkdownNote"):
+            continue
         values = [v for v in (n.get("widgets_values") or []) if isinstance(v, str)]
         if n["type"] == "AttnEditInstantEdit" and values:
             return f'edit text: "{values[0]}"'
-    pairs = []
-    for n in ui["nodes"]:
-        strings = [v for v in (n.get("widgets_values") or []) if isinstance(v, str) and " " in v]
-        if len(strings) >= 2 and n["type"].startswith("AttnEdit"):
-            pairs.append((strings[0], strings[1]))
-    for source, target in pairs:
-        if target == "":
-            continue
-        a, b = source.split(), target.split()
+        prompts += [v for v in values if len(v.split()) >= PROMPT_WORDS]
+    for target in prompts[1:]:
+        a, b = prompts[0].split(), target.split()
         old, new = [], []
         for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b).get_opcodes():
             if op != "equal":
@@ -77,6 +79,12 @@ def edit_text(ui: dict) -> str:
             return f"adds: {' '.join(new)}"
     if any("remove object" in (n.get("widgets_values") or []) for n in ui["nodes"]):
         return "removes the masked object"
+    weights = [v for n in ui["nodes"] if n["type"] not in ("Note", "MarkdownNote")
+               for v in (n.get("widgets_values") or []) if isinstance(v, str) and re.fullmatch(r"\w+=[\d.]+", v)]
+    if weights:
+        return "re-weights " + ", ".join(weights)
+    if prompts:
+        return f'prompt: "{prompts[-1]}"'
     return ""
 
 
@@ -110,11 +118,14 @@ def render(ui: dict, example: str, title: str, path: str) -> None:
 
 
 def title_of(name: str, ui: dict) -> str:
-    """A readable title: the workflow's number and the first sentence of its read-me note."""
+    """A readable title: the workflow's number and the heading of its read-me note."""
     for n in ui["nodes"]:
-        if n["type"] in ("Note", "MarkdownNote") and n.get("widgets_values"):
-            first = str(n["widgets_values"][0]).split("\n")[0]
-            head = first.split(":")[0].split(" (")[0]
+        text = str((n.get("widgets_values") or [""])[0]) if n["type"] in ("Note", "MarkdownNote") else ""
+        if text.startswith("### "):
+            head = text[4:].split("\n")[0].split(" (")[0].rstrip(".")
+            label = head.split(":")[0]
+            if ":" in head and (len(label) >= SHORT_LABEL or len(head) > TITLE_CHARS):
+                head = label  # "CPAM background change: the cat ..." -> the label; "EmbCtrl: colour change" stays
             return f"{name[:2]}  {head}"
     return name
 
