@@ -46,8 +46,11 @@ def test_pyproject_metadata_and_requirements_in_step():
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
     assert project["license"] == {"file": "LICENSE"} and "GNU GENERAL PUBLIC LICENSE" in read(
         os.path.join(ROOT, "LICENSE"))
-    assert project["requires-python"] and "Repository" in project["urls"]
-    assert comfy["PublisherId"] and comfy["DisplayName"] == "Attention Edit" and comfy["Icon"]
+    assert project["requires-python"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "Attention Edit"
+    icon = comfy["Icon"]  # a published URL, or until then the icon file in the repository
+    assert icon.startswith("https://") or os.path.isfile(os.path.join(ROOT, icon)), f"Icon {icon!r} does not exist"
+    assert comfy["requires-comfyui"]
     reqs = [line.strip() for line in read(os.path.join(ROOT, "requirements.txt")).splitlines() if line.strip()
             and not line.startswith("#")]
     assert sorted(reqs) == sorted(project["dependencies"]) == ["segment-anything>=1.0"]
