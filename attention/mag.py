@@ -10,12 +10,19 @@ Notation: A* the injected target-branch map [H, N, T] of one layer, M the edit m
 word (token positions), sigma the k-diffusion sigma of the step, abar = 1 / (1 + sigma^2) the DDPM alpha-bar.
 
 Differences (see docs/mag_edit.md):
+- Step windows: tau = 25 guided and 15 blended steps are the paper's counts at 50 steps; other step counts get the
+  same fractions of the run (steps_at), which at 50 steps are the reference's steps 0-24 and 35-49.
+- Eq. 1's denominator is the word plus the common tokens as the paper writes it (default); the reference code's full
+  row is the `all_tokens` choice. They differ when the target prompt has other new tokens or the word has several.
 - Eq. 2 uses the injected target map A* in both terms (the paper's in-mask term reads (A_t)_i, which for a word new
   in the target prompt has no source column; with the source map it would be a constant that does not move the
   gradient). The reference code's unused `compute_ca_SR` is 3 - 4s instead of lambda (1 - 2s) = 3 - 6s.
+- Eq. 3: L_ng is the positive constraint evaluated on the negative words, inside the union of the masks (the paper
+  defers it to its supplementary material; the reference's negative term is dead code).
 - Eq. 4 is applied to our latent x = z / sqrt(abar) (ComfyUI's model space); the reference's step on z becomes
   x <- x - M * delta * (1 + sigma^2) * grad_x L, the same update written in x.
-- Masks are aligned by area coverage (masks/ops.py), not nearest sampling as in the reference.
+- Masks are aligned by area coverage (masks/ops.py), not nearest sampling as in the reference; with one mask per word
+  the update region is their union (the reference adds the distinct masks, so an overlap would take a double step).
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ class AttnEditMAGGuidance:
         "MAG-Edit (Mao et al., ACM MM 2024): localized editing inside a mask on top of Prompt-to-Prompt. Before each "
         "of the first guidance_steps steps, the edit branch's latent is nudged (inside the mask only, "
         "max_iterations gradient steps) so that the target word's cross-attention concentrates in the mask; in the "
-        "last blend_steps steps everything outside the mask is taken from the source image. Chain: Invert Image "
-        "(null_text) -> Prompt-to-Prompt Attention Hook (mode refine, cross 0.8, self 0.5) -> this node -> Attention "
-        "Edit Sampler. Slow: each guided step costs max_iterations extra forward+backward passes.")
+        "last blend_steps steps everything outside the mask is taken from the source image. Step knobs count steps "
+        "of the paper's 50-step run and scale to the inversion's steps. Chain: Invert Image (null_text) -> "
+        "Prompt-to-Prompt Attention Hook (mode refine, cross 0.8, self 0.5) -> this node -> Attention Edit Sampler. "
+        "Slow: each guided step costs max_iterations extra forward+backward passes.")
     CATEGORY = CAT_TECHNIQUES
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
@@ -44,8 +45,9 @@ class AttnEditMAGGuidance:
                 "inversion": (INVERSION, {"tooltip": "The inversion the sampler will edit (Invert Image, null_text "
                                                      "in the paper); fixes the image size, batch and steps."}),
                 "mask": ("MASK", {"tooltip": "Where the edit goes (white = edit): painted, SAM, Solid Mask, any size "
-                                             "and batch (one mask, or one per image). Only the latent inside it is "
-                                             "guided; outside it the source is blended in at the end."}),
+                                             "and batch (one mask, or one per image). Only the latent inside it (and "
+                                             "inside word_masks, if connected) is guided; outside it the source is "
+                                             "blended in at the end."}),
                 "target_words": ("STRING", {"default": "", "tooltip": "Word(s) of the target prompt whose attention "
                                                                       "should fill the mask, normally the new ones, "
                                                                       "e.g. \"yellow\". Several: \"yellow=0.6, "

@@ -60,8 +60,8 @@ def sdxl_mag_edit(g):
            "- SDXL cost: each guidance iteration is a forward+backward pass through SDXL's UNet up to its last "
            "32x32 layer (most of the model), several times the SD1.5 cost. This workflow uses max_iterations 10 x "
            "guidance_steps 15 instead of the paper's 15 x 25 (SD1.5); raise them for stronger edits, lower them "
-           "for speed. scale 2.5 = step size; blend_steps 15 copies everything outside the mask from the source in "
-           "the last 15 steps.\n"
+           "for speed (the step knobs count steps of a 50-step run and scale to the inversion's). scale 2.5 = step "
+           "size; blend_steps 15 copies everything outside the mask from the source in the last 15 of 50 steps.\n"
            "- cfg 7.0 suits SDXL; null-text inversion optimises for the cfg you invert with (both text encoders' "
            "null embeddings are optimised; the pooled and size conditioning stay the prompt's).")
 
