@@ -378,7 +378,7 @@ class MAGGuidance(StepHook):
         run.roles = tuple(NEGATIVE_ROLE if r == TARGET else r for r in roles)
         try:
             context = dict(ctx.context)
-            context[COND] = self.negative_context.to(x_in.device)
+            context[COND] = run.on_device((self, "negative_context"), lambda: self.negative_context, x_in.device)
             return self._pass(ctx, x_in, context, int(self.negative_width))
         finally:
             run.roles = roles
@@ -394,11 +394,14 @@ class MAGGuidance(StepHook):
             negative_maps = maps
             if self.negatives and self.negative_context is not None:
                 negative_maps = self._negative_maps(ctx, x_in)
-            device = maps[0][0].device
-            # copies: the node made these under inference mode, which autograd may not save
-            masks = self.semantic_masks[ctx.image].to(device, torch.float32, copy=True)
-            t_others, n_others = (None if t is None else t.to(device, torch.float32, copy=True)
-                                  for t in (self.target_others, self.negative_others))
+            device, run = maps[0][0].device, ctx.denoiser.run
+            # per-run copies: the node made these under inference mode, which autograd may not save
+            masks = run.on_device((self, "semantic_masks", ctx.image), lambda: self.semantic_masks[ctx.image], device,
+                                  torch.float32)
+            t_others, n_others = (None if t is None else run.on_device((self, name), lambda t=t: t, device,
+                                                                         torch.float32)
+                                  for name, t in (("target_others", self.target_others),
+                                                  ("negative_others", self.negative_others)))
             losses = [total_loss(m, masks, self.targets, self.negatives, self.constraint, self.sr_lambda,
                                  self.lambda_p, self.lambda_ng, negative_maps=nm, target_others=t_others,
                                  negative_others=n_others) for m, nm in zip(maps, negative_maps)]

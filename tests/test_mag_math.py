@@ -223,3 +223,13 @@ def test_negative_maps_are_read_from_their_own_prompt(mag):
     got = mag.total_loss([maps], mask, [([2], 1.0)], [[5]], "token_ratio", negative_maps=[other])
     expected = mag.word_loss([maps], mask, [2], "token_ratio") - mag.word_loss([other], mask, [5], "token_ratio")
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_word_weight_tolerance_boundary(mag):
+    """Eq. 5 weights must sum to 1 within WEIGHT_TOLERANCE = 1e-3: 1.0009 passes, 1.0011 is refused."""
+    parse, resolve = mag.parse_weighted_words, mag.resolve_weights
+    assert mag.WEIGHT_TOLERANCE == 1e-3
+    assert resolve(parse("yellow=0.6009, striped=0.4")) == [("yellow", 0.6009), ("striped", 0.4)]
+    with pytest.raises(ValueError, match="sum to 1.0011"):
+        resolve(parse("yellow=0.6011, striped=0.4"))
+    assert resolve(parse("yellow=0, striped=1")) == [("yellow", 0.0), ("striped", 1.0)]  # a zero weight is >= 0
