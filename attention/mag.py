@@ -289,8 +289,8 @@ class MAGGuidance(StepHook):
     count); negatives: token positions of the negative words, in the target prompt or, with `negative_context`
     [1, T, E], in that separate prompt (`negative_width` tokens), whose maps come from a cond-only pass of the target
     latent with that prompt and no controller edit (the authors' third prompt). masks [B, 1, h, w] and blend_masks
-    (dilated) [B, 1, h, w] on the latent grid, semantic_masks [B, I, N] on the `semantic_grid` (one per target
-    word), all binary. target_others [I, T] / negative_others [K, T]: Eq. 1 denominators (None = all tokens).
+    (dilated) [B, 1, h, w] on the latent grid, semantic_masks [B, N] (or [B, I, N], one per target word) on the
+    `semantic_grid`, all binary. target_others [I, T] / negative_others [K, T]: Eq. 1 denominators (None = all tokens).
     stop_after: number of semantic-level cross-attention sites; a guidance pass stops after the last one.
     """
 
@@ -398,6 +398,8 @@ class MAGGuidance(StepHook):
             # per-run copies: the node made these under inference mode, which autograd may not save
             masks = run.on_device((self, "semantic_masks", ctx.image), lambda: self.semantic_masks[ctx.image], device,
                                   torch.float32)
+            if masks.ndim == 1:  # one mask for every target word
+                masks = masks.unsqueeze(0).expand(len(self.targets), -1)
             t_others, n_others = (None if t is None else run.on_device((self, name), lambda t=t: t, device,
                                                                          torch.float32)
                                   for name, t in (("target_others", self.target_others),

@@ -261,8 +261,8 @@ def _word_masks(word_masks, words: int, batch: int) -> torch.Tensor:
 
 
 def _align_masks(mask, word_masks, names: list[str], inversion):
-    """Binary masks on the latent grid (the update region), dilated for the final blend, and per target word on the
-    semantic attention grid [B, I, N]."""
+    """Binary masks on the latent grid (the update region), dilated for the final blend, and on the semantic attention
+    grid: [B, N] for one mask, [B, I, N] with one mask per target word."""
     batch, latent_hw = inversion.batch, inversion.latent_hw
     image_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
     masks = as_mask_batch(mask, batch, "mask")
@@ -281,7 +281,6 @@ def _align_masks(mask, word_masks, names: list[str], inversion):
                 raise AttnEditError(NODE, f"`mask` of image {i} covers no cell of the {grid[0]}x{grid[1]} attention "
                                           f"grid (a cell is {cell}x{cell} px and counts when half covered); draw a "
                                           "larger mask or grow it (core GrowMask)")
-        semantic = semantic.unsqueeze(1).expand(-1, len(names), -1)
     else:
         flat = per_word.flatten(0, 1)
         semantic = mask_to_grid(flat, grid, binary=True).flatten(1).unflatten(0, (batch, len(names)))
