@@ -194,6 +194,7 @@ def test_interrupt_mid_optimisation_leaves_the_next_run_clean(p2p, small, monkey
     (dict(guidance_steps=51), "`guidance_steps` is 51; it counts steps of the paper's 50-step run"),
     (dict(blend_steps=-1), "`blend_steps` is -1; it counts steps of the paper's 50-step run"),
     (dict(target_words="cat"), "copied from the source during every guided step"),
+    (dict(token_ratio_denominator="rows"), "`token_ratio_denominator` 'rows' is unknown"),
 ])
 def test_bad_inputs_are_clear_errors(p2p, inversion, kw, message):
     with pytest.raises(ValueError, match=message) as err:

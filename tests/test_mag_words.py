@@ -113,3 +113,19 @@ def test_negative_words_prompt_needs_clip_and_the_word(p2p, inversion):
 def test_negative_word_missing_from_its_prompt_is_an_error(tiny, p2p, inversion):
     with pytest.raises(ValueError, match="the word 'blue' is not in the negative_words_prompt"):
         guided(p2p, inversion, negative_words="blue", negative_words_prompt="a photo of a red cat", clip=tiny.clip)
+
+
+def test_knobs_that_cannot_take_effect_are_warnings(tiny, p2p, inversion, caplog):
+    """Negative words with lambda_ng 0, and a negative-words prompt without negative words, do nothing: say so."""
+    with caplog.at_level("WARNING"):
+        guided(p2p, inversion, negative_words="striped", lambda_ng=0.0)
+    assert "`negative_words` 'striped' has no effect with `lambda_ng` 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model = guided(p2p, inversion, negative_words_prompt="a photo of a red cat", clip=tiny.clip)
+    assert "`negative_words_prompt` 'a photo of a red cat' is not used without `negative_words`" in caplog.text
+    assert hook_of(model).negative_context is None
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        guided(p2p, inversion, negative_words="striped")
+    assert "MAG-Edit" not in caplog.text
