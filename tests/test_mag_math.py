@@ -233,3 +233,37 @@ def test_word_weight_tolerance_boundary(mag):
     with pytest.raises(ValueError, match="sum to 1.0011"):
         resolve(parse("yellow=0.6011, striped=0.4"))
     assert resolve(parse("yellow=0, striped=1")) == [("yellow", 0.0), ("striped", 1.0)]  # a zero weight is >= 0
+
+
+def test_negative_prompt_pass_runs_without_a_target_row_and_restores_the_roles(mag):
+    """The negative-words pass: the denoiser sees the negative context for the cond chunk and no row with the target
+    role (so Prompt-to-Prompt does not edit it); the roles come back afterwards, also when the pass fails."""
+    run_pkg, edit_pkg = pkg("attention.run"), pkg("inversion.edit")
+    seen = []
+
+    class Denoiser:
+        def __init__(self):
+            self.run = run_pkg.RunState(torch.linspace(2.0, 0.0, 3), ("source", "target"))
+            self.fail = False
+
+        def __call__(self, x, sigma, *, context=None, labels=None, fill=None):
+            seen.append((self.run.roles, context[0]))
+            if self.fail:
+                raise RuntimeError("boom")
+            site = pkg("attention.layers").AttnSite("output", 3, 0, 4)
+            self.run.live.append(run_pkg.LiveMap(site, "cross", (1, 2), (0,), torch.full((2, 1, 2, 6), 1 / 6)))
+
+    negative = torch.randn(1, 6, 4)
+    hook = mag.MAGGuidance(targets=(((1,), 1.0),), negatives=((2,),), masks=torch.ones(1, 1, 1, 2),
+                           blend_masks=torch.ones(1, 1, 1, 2), semantic_masks=torch.ones(1, 2), semantic_grid=(1, 2),
+                           token_width=6, negative_context=negative, negative_width=6)
+    den = Denoiser()
+    ctx = edit_pkg.StepContext(0, den.run.sigmas, ("source", "target"), torch.zeros(2, 4, 1, 2), den, {},
+                               torch.zeros(3, 4, 1, 2))
+    maps = hook._negative_maps(ctx, ctx.x)
+    assert seen[0][0] == ("source", mag.NEGATIVE_ROLE) and torch.equal(seen[0][1], negative)
+    assert len(maps) == 1 and maps[0][0].shape == (1, 2, 6) and den.run.roles == ("source", "target")
+    den.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        hook._negative_maps(ctx, ctx.x)
+    assert den.run.roles == ("source", "target")
