@@ -29,7 +29,7 @@ def mag_edit(g):
     mask = g.node("MaskComposite", destination=canvas["MASK"], source=box["MASK"], x=180, y=145, operation="add")
     g.node("PreviewImage", images=g.node("MaskToImage", mask=mask["MASK"])["IMAGE"])
     mag_chain(g, ckpt, img, mask, "attnedit_mag_edit")
-    g.note("MAG-Edit (Mao et al. 2024): put the edit exactly where the mask is.\n"
+    g.note("MAG-Edit (Mao et al. 2024): put the edit where the mask is (guided inside it, the source kept outside it).\n"
            "1. Mask: here a box over the cat (Solid Mask + Mask Composite). Any MASK works: paint one (LoadImage -> "
            "right-click -> Open in MaskEditor, use its MASK output) or use a SAM node.\n"
            "2. Invert Image: null_text, 50 steps, cfg 7.5 (the paper's setting).\n"
