@@ -4,6 +4,7 @@ inpainting model (CPU, 16x16 latents, 4 steps)."""
 import pytest
 import tiny_models
 import torch
+import torch.nn.functional as F
 from conftest import call_node, make_image, pkg
 
 TEXT = "a photo of a dog on grass"
@@ -87,6 +88,102 @@ def test_inpaint_inputs_follow_core_inpaint_model_conditioning():
     cond = [[torch.zeros(1, 77, 8), {"pooled_output": None}]]
     out = engine().with_inpaint_inputs(cond, torch.ones(1, 4, 1, 1), mask)
     assert out[0][1]["concat_mask"] is mask and "concat_mask" not in cond[0][1]
+
+
+# ------------------------------------------------------------------------------------------------ instant mask maths
+def masks():
+    return pkg("masks.instant")
+
+
+# cv2.GaussianBlur(img, (5, 5), 0) of a 5x6 float image that is 1 at (row 1, col 0) and 0 elsewhere, computed by
+# hand: OpenCV's 5-tap table for sigma 0 is [1, 4, 6, 4, 1] / 16 and its default border is BORDER_REFLECT_101
+# (..., x2, x1 | x0, x1, x2, ...). Along the rows the impulse at 1 gives [4+4, 1+6, 4, 1, 0] / 16 (position -1 and 1
+# both read x1), along the columns the impulse at 0 gives [6, 4, 1, 0, 0, 0] / 16; the blur is their outer product.
+CV2_IMPULSE = torch.tensor([[8.0], [7.0], [4.0], [1.0], [0.0]]) * torch.tensor([[6.0, 4.0, 1.0, 0.0, 0.0, 0.0]]) / 256
+
+
+def test_blur_is_opencv_5x5_sigma_0_table_with_reflect_101_borders():
+    impulse = torch.zeros(5, 6)
+    impulse[1, 0] = 1.0
+    assert torch.equal(masks().blur_kernel(), torch.tensor([1.0, 4, 6, 4, 1])[:, None] * torch.tensor([1.0, 4, 6, 4, 1])
+                       / 256)
+    once = masks().gaussian_blur(impulse, passes=1)
+    assert torch.allclose(once, CV2_IMPULSE, atol=1e-7, rtol=0)
+    assert torch.allclose(masks().gaussian_blur(impulse), masks().gaussian_blur(once, passes=1), atol=1e-7)  # twice
+
+
+def test_binarisation_is_strictly_above_phi():
+    """Eq. 9 and the reference post_deal: M = 1 where the normalised map is > phi; a value equal to phi is 0."""
+    refined = torch.tensor([[0.0, 0.25], [0.5, 1.0]])
+    assert masks().binarize(refined, phi=0.25, blur_passes=0).tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    just_below = float(torch.nextafter(torch.tensor(0.25), torch.tensor(0.0)))
+    assert masks().binarize(refined, phi=just_below, blur_passes=0).tolist() == [[0.0, 1.0], [1.0, 1.0]]
+
+
+def test_gamma_thresholds_include_their_boundary():
+    """Eq. 8 as the reference get_position: +1 when S >= gamma1, -1 when S <= gamma2, 0 strictly between."""
+    per_word = torch.tensor([[[1.0, 0.0], [0.0, 0.0]],   # index word
+                             [[1.0, 0.3], [0.0, 0.0]],   # S = 0.958
+                             [[1.0, 1.0], [0.2, 0.0]],   # S = 0.700
+                             [[0.3, 1.0], [1.0, 0.0]]])  # S = 0.206
+    sims = masks().cosine(per_word, per_word[0])
+    up = lambda v: float(torch.nextafter(v, torch.tensor(2.0)))  # noqa: E731
+    down = lambda v: float(torch.nextafter(v, torch.tensor(-2.0)))  # noqa: E731
+    roles = lambda g1, g2: masks().instant_roles(per_word, per_word[0], g1, g2, index=0).roles.tolist()  # noqa: E731
+    assert roles(float(sims[1]), float(sims[3])) == [1.0, 1.0, 0.0, -1.0]  # S equal to gamma1 / gamma2
+    assert roles(up(sims[1]), down(sims[3])) == [1.0, 0.0, 0.0, 0.0]  # one ulp past: no longer reached
+    assert roles(float(sims[2]), 0.0) == [1.0, 1.0, 1.0, 0.0]
+    assert roles(0.99, float(sims[2])) == [1.0, 0.0, -1.0, -1.0]
+
+
+def test_map_resizing_is_pils_bicubic():
+    """The reference resizes each map with PIL's Image.resize (bicubic, a = -0.5, renormalised at the borders)."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for (h, w), (H, W) in [((16, 16), (64, 64)), ((3, 3), (9, 11)), ((16, 24), (64, 96)), ((5, 7), (3, 4))]:
+        maps = torch.rand(2, h, w, generator=g)
+        ours = masks().upsample(maps, (H, W))
+        for k in range(2):
+            ref = Image.fromarray(maps[k].numpy(), mode="F").resize((W, H), Image.BICUBIC)
+            assert torch.allclose(ours[k], torch.tensor(np.array(ref)), atol=3e-7, rtol=0), (h, w, H, W)
+    bilinear = F.interpolate(maps[:, None], size=(3, 4), mode="bilinear", align_corners=False)[:, 0]
+    assert not torch.allclose(ours, bilinear, atol=1e-2)  # the test tells the filters apart
+
+
+def reference_similarity(word: torch.Tensor, index: torch.Tensor) -> float:
+    """S of Eq. 7 as the reference computes it: map -> 255 m / max -> uint8 -> PIL resize to 64x64 -> min-max to
+    uint8 -> cosine of the flattened images (token_combination + cal_sim), written independently of the pack."""
+    import numpy as np
+    from PIL import Image
+
+    def image(m):
+        pic = Image.fromarray((255 * m / m.max()).numpy().astype(np.uint8)).resize((64, 64), Image.BICUBIC)
+        a = np.asarray(pic).astype(np.float64) / 255
+        return ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8).astype(np.float64).ravel()
+
+    a, b = image(word), image(index)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_a_word_near_gamma2_takes_the_role_the_reference_gives_it():
+    """A word whose similarity to the object word is 0.014 under gamma2 = 0.6 in the reference: the reference makes
+    it background (-1); the pack agrees. The old bilinear resizing put it at 0.62 (role 0)."""
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = lambda cy, cx, s: torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))  # noqa: E731
+    obj = blob(7.0, 6.0, 2.0)
+    word = 0.065 * obj + 0.935 * blob(5.16, 5.18, 0.84)
+    maps = torch.stack([1.0 - obj, obj, word], -1)  # tokens: start (its complement is the object), object, word
+    reference = reference_similarity(word, obj)
+    assert abs(reference - masks().GAMMA2) < 0.02 and reference < masks().GAMMA2
+    per_word, start = masks().word_maps(maps, [[1], [2]], 0, (64, 64))
+    roles = masks().instant_roles(per_word, start)
+    assert roles.index == 0 and roles.roles.tolist() == [1.0, -1.0], "the reference's roles: object, background"
+    assert abs(float(roles.similarities[1]) - reference) < 0.01  # the float pipeline, without 8-bit rounding
+    old = F.interpolate(torch.stack([obj, word])[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    old = masks().minmax(old)
+    assert float(masks().cosine(old[1:], old[0])[0]) > masks().GAMMA2  # bilinear maps gave role 0 (the issue)
 
 
 # ------------------------------------------------------------------------------------------------ node
