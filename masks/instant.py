@@ -42,6 +42,8 @@ PHI = 0.2  # Eq. 9 binarisation threshold (paper; reference run.sh; sample_use.p
 BLUR_TAPS = (1.0, 4.0, 6.0, 4.0, 1.0)  # reference post_deal: cv2.GaussianBlur((5, 5), 0) = OpenCV's fixed 5-tap table / 16
 BLUR_PASSES = 2  # reference applies the blur twice
 BICUBIC_A = -0.5  # PIL's bicubic kernel parameter (the reference resizes with PIL); torch's bicubic uses -0.75
+FEATHER = 16  # px: width of the paste-back's soft edge (not in the paper: the reference has no paste-back)
+LATENT_CELL = 8  # px per latent cell (SD VAEs)
 INVERT_START_MAP = True  # reference: the start token's map is compared inverted (255 - x)
 EPS = 1e-12
 
@@ -216,3 +218,24 @@ def instant_mask(maps: torch.Tensor, words: list[list[int]], size: tuple[int, in
         roles = instant_roles(per_word, ref, gamma1, gamma2, index)
     refined = refined_map(per_word, ref, roles)
     return binarize(refined, phi, blur_passes), minmax(refined), roles
+
+
+def feather_weights(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Paste-back weights [B, H, W] of a MASK [B, H, W]: 1 on the mask, falling linearly to 0 over `radius` px around
+    it: (radius + 1 - d) / (radius + 1) at Chebyshev distance d, i.e. the mean of the mask dilated by 0..radius px.
+
+    Not in the paper (InstDiffEdit's reference returns the inpainting pipeline's full frame): the pack's finish keeps
+    the original outside the mask, and this ramp hides the 8-px latent-cell edge of that mask.
+    """
+    grown = mask.float()[:, None]
+    total = grown.clone()
+    for _ in range(max(int(radius), 0)):
+        grown = F.max_pool2d(grown, 3, 1, 1)
+        total = total + grown
+    return (total / (max(int(radius), 0) + 1))[:, 0]
+
+
+def finish_cells(radius: int, cell: int = LATENT_CELL) -> int:
+    """Latent cells by which the finish regenerates beyond the mask so that the feathered band (`radius` px) lies on
+    regenerated pixels and the latent-cell edge one cell further out, where the paste-back weight is 0."""
+    return -(-int(radius) // cell) + 1 if radius > 0 else 0

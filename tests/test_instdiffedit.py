@@ -193,7 +193,7 @@ def test_inpainting_finish_keeps_the_input_outside_the_final_mask(tiny, inpaint_
     out, mask, latent = call_node(
         "AttnEditInstantEdit", image=image, model=count_unet_calls(tiny.model, base_log), clip=tiny.clip,
         vae=tiny.vae, edit_text=TEXT, steps=STEPS, inpaint_model=count_unet_calls(inpaint_model, inpaint_log),
-        paste_back=True, phi=0.5)
+        paste_back=True, phi=0.5, feather=0)
     assert out.shape == (1, 128, 128, 3) and mask.shape == (1, 128, 128) and latent["samples"].shape == (1, 4, 16, 16)
     assert 0 < float(mask.mean()) < 1, "the test needs a mask with an inside and an outside"
     # UNet passes: the mask phase runs int(S * r) batched calls of 2n rows, the finish int(S * d) calls of 2 rows
@@ -204,7 +204,7 @@ def test_inpainting_finish_keeps_the_input_outside_the_final_mask(tiny, inpaint_
     assert torch.allclose(latent["samples"][outside], x0[outside], atol=1e-5), "latent outside = the input's latent"
     assert not torch.allclose(latent["samples"][~outside], x0[~outside], atol=1e-3)
     keep = (mask == 0)[..., None].expand_as(out)
-    assert torch.equal(out[keep], image[keep]), "paste_back: pixels outside the mask are the input's"
+    assert torch.equal(out[keep], image[keep]), "paste_back with feather 0: pixels outside the mask are the input's"
 
 
 def test_masks_are_deterministic_and_n_1_works(tiny):
@@ -249,3 +249,97 @@ def test_errors_are_actionable(tiny, inputs, message):
     args.update(inputs)
     with pytest.raises(ValueError, match=r"\[Attention Edit\] InstDiffEdit: " + message):
         call_node("AttnEditInstantEdit", **args)
+
+
+# ------------------------------------------------------------------------------------------------ finish: seams
+def test_feather_weights_and_finish_growth_by_hand():
+    mask = torch.zeros(1, 5, 9)
+    mask[:, 1:4, :3] = 1.0
+    w = masks().feather_weights(mask, 2)
+    assert torch.allclose(w[0, 2], torch.tensor([1, 1, 1, 2 / 3, 1 / 3, 0, 0, 0, 0]))  # (r + 1 - d) / (r + 1)
+    assert torch.allclose(w[0, 0, :5], torch.tensor([2 / 3, 2 / 3, 2 / 3, 2 / 3, 1 / 3]))  # Chebyshev: corner d = 1
+    assert torch.equal(masks().feather_weights(mask, 0), mask)
+    assert [masks().finish_cells(r) for r in (0, 1, 8, 9, 16, 17)] == [0, 2, 2, 3, 3, 4]
+
+
+def test_feathering_hides_a_latent_cell_edge_of_the_regenerated_region():
+    """Synthetic: the decoded finish equals the original except a constant shift on the regenerated region (the mask
+    grown by finish_cells), a hard step on an 8-px cell edge. Pasted back through the feather weights, the step falls
+    where the weight is 0 and the largest jump between neighbours is the shift / (feather + 1)."""
+    feather = 16
+    grid = torch.zeros(1, 1, 8, 12)
+    grid[..., 3:5, 4:7] = 1.0
+    ops = pkg("masks.ops")
+    mask_img = ops.grid_to_image(grid, (64, 96))
+    region_img = ops.grid_to_image(ops.dilate(grid, masks().finish_cells(feather)), (64, 96))
+    original = torch.linspace(0, 1, 96).expand(1, 64, 96)
+    decoded = original + 0.8 * region_img
+    w = masks().feather_weights(mask_img, feather)
+    out = engine().blend(decoded, original, w)
+    jump = lambda x: max(float((x[..., 1:] - x[..., :-1]).abs().max()), float((x[:, 1:] - x[:, :-1]).abs().max()))  # noqa: E731
+    hard = engine().blend(decoded, original, mask_img)
+    assert jump(hard - original) == pytest.approx(0.8)
+    assert jump(out - original) <= 0.8 / (feather + 1) + 1e-6
+    assert torch.equal(out[w == 0], original[w == 0]) and torch.equal(out[mask_img > 0], decoded[mask_img > 0])
+
+
+def test_default_finish_feathers_the_paste_back_over_a_regenerated_band(tiny):
+    image = make_image(size=128, seed=3)
+    out, mask, latent = run(tiny, image, phi=0.8)  # defaults: inpaint finish, paste_back on, feather 16
+    assert 0 < float(mask.mean()) < 0.5, "the test needs a mask with an inside and an outside"
+    w = masks().feather_weights(mask, masks().FEATHER)
+    beyond = (w == 0)[..., None].expand_as(out)
+    assert torch.equal(out[beyond], image[beyond]), "beyond the band: the input's pixels"
+    band = ((w > 0) & (w < 1))[..., None].expand_as(out)
+    assert not torch.equal(out[band], image[band]), "in the band the edit fades in"
+    ops = pkg("masks.ops")
+    cells = ops.mask_to_grid(mask, (16, 16), binary=True)
+    grown = ops.dilate(cells, masks().finish_cells(masks().FEATHER))
+    with torch.inference_mode(), engine().seeded(0):
+        x0 = pkg("inversion.comfy_model").vae_encode(tiny.vae, image).float()
+    outside, ring = (grown == 0).expand(-1, 4, -1, -1), ((grown == 1) & (cells == 0)).expand(-1, 4, -1, -1)
+    assert torch.allclose(latent["samples"][outside], x0[outside], atol=1e-5), "kept beyond the grown region"
+    assert not torch.allclose(latent["samples"][ring], x0[ring], atol=1e-3), "the band's cells are regenerated"
+    node = pkg("nodes.instant").AttnEditInstantEdit.INPUT_TYPES()["optional"]
+    assert node["paste_back"][1]["default"] is True and node["feather"][1]["default"] == 16
+    assert list(node)[-1] == "feather", "new inputs go at the end"
+
+
+def test_full_frame_finish_repaints_everything_with_the_inpainting_model(tiny, inpaint_model, caplog):
+    image = make_image(size=128, seed=3)
+    log = []
+    out, mask, latent = run(tiny, image, phi=0.5, finish="inpaint full frame", paste_back=False,
+                            inpaint_model=count_unet_calls(inpaint_model, log))
+    assert log == [2] * STEPS
+    with torch.inference_mode(), engine().seeded(0):
+        x0 = pkg("inversion.comfy_model").vae_encode(tiny.vae, image).float()
+    outside = pkg("masks.ops").mask_to_grid(1 - mask, (16, 16), binary=True).bool().expand(-1, 4, -1, -1)
+    assert not torch.allclose(latent["samples"][outside], x0[outside], atol=1e-2), "no latent kept: full frame"
+    # without an inpainting checkpoint it cannot repaint the frame: a warning, and the 'inpaint' finish
+    with caplog.at_level("WARNING"):
+        fallback = run(tiny, image, phi=0.5, finish="inpaint full frame")
+    assert "`finish` 'inpaint full frame' needs an SD inpainting checkpoint" in caplog.text
+    assert torch.equal(fallback[0], run(tiny, image, phi=0.5)[0])
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_chain_runs_each_phase_on_its_steps(tiny, steps):
+    """At 10, 20 and 50 steps: the mask phase runs the last int(S * r) steps of the S-step DDIM schedule (one batched
+    call of 2n rows each), then the finish all S steps from sigma_max (finish_denoise 1)."""
+    calls = []
+    clone = tiny.model.clone()
+
+    def recording(apply_model, args):
+        calls.append((int(args["input"].shape[0]), float(args["timestep"][0])))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone.set_model_unet_function_wrapper(recording)
+    out, mask, _ = call_node("AttnEditInstantEdit", image=make_image(size=64, seed=3), model=clone, clip=tiny.clip,
+                             vae=tiny.vae, edit_text=TEXT, steps=steps, seeds=1)
+    cm = pkg("inversion.comfy_model")
+    sigmas = pkg("inversion.schedule").ddim_sigmas(cm.sigma_table(tiny.model), steps)
+    levels = sigmas[:-1].tolist()  # the wrapper sees ComfyUI's sigma as "timestep"
+    masked = int(steps * engine().STRENGTH)
+    assert [b for b, _ in calls] == [2] * (masked + steps)
+    assert [t for _, t in calls] == pytest.approx(levels[steps - masked:] + levels)
+    assert out.shape == (1, 64, 64, 3) and torch.isfinite(out).all()
