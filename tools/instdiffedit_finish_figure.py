@@ -47,8 +47,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(comfy_host.REPO_ROOT, "docs", "instdiffedit_finish.png"))
     args = parser.parse_args()
     comfy_host.boot()
-    import nodes
     from PIL import Image, ImageDraw
+
+    import nodes
 
     bundle = tiny_models.make_bundle(0)
     with torch.inference_mode():
