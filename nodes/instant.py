@@ -90,9 +90,10 @@ class AttnEditInstantEdit:
                                                       "through a soft edge of `feather` px (removes VAE round-trip "
                                                       "drift outside the edit and the 8-px block edge of the mask)."}),
                 "feather": ("INT", {"default": instant_mask.FEATHER, "min": 0, "max": 256, "step": 1,
-                                    "tooltip": "Width in px of the paste-back's soft edge: the original fades in "
-                                               "linearly over this distance outside the mask, and the inpaint "
-                                               "finish regenerates that band too. 0 = hard 8-px block edge."}),
+                                    "tooltip": "Width in px of the paste-back's soft edge (with paste_back on): "
+                                               "the original fades in linearly over this distance outside the "
+                                               "mask, and the inpaint finish regenerates that band too. 0 = hard "
+                                               "8-px block edge."}),
             },
         }
 
