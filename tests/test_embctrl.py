@@ -142,3 +142,45 @@ def test_description_says_where_the_sampler_takes_it(tiny):
     ctrl, _ = emb_ctrl(tiny.clip, src_text, tgt_text)
     with pytest.raises(ValueError, match="`target` is not the attention hook's target prompt"):
         call_node("AttnEditEditSampler", model=hooked, inversion=inv, target=ctrl)
+
+
+class TargetKeys(pkg("attention.run").Controller):
+    """Test controller: per step, the largest difference between the target row's and the source row's cross-attention
+    keys (cond chunk) at every token position except `changed`; leaves the output unchanged."""
+
+    EDITS_OUTPUT = True
+
+    def __init__(self, changed):
+        self.changed, self.gap = changed, {}
+
+    def active(self, call):
+        return call.kind == "cross" and call.run is not None
+
+    def edit_output(self, call, out):
+        src, tgt = call.role_rows(0, "source"), call.role_rows(0, "target")
+        keep = [j for j in range(call.k.shape[1]) if j not in self.changed]
+        gap = float((call.k[tgt][:, keep] - call.k[src][:, keep]).abs().max())
+        self.gap[call.step] = max(self.gap.get(call.step, 0.0), gap)
+        return out
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_chain_reads_the_source_embedding_at_every_step(tiny, steps):
+    """Invert -> EmbCtrl -> Attention Edit Sampler at 10, 20 and 50 steps: at every step the target row's
+    cross-attention keys equal the source row's everywhere but the changed token (Eq. 12 holds for the whole run);
+    with the plain target prompt they differ after the changed word."""
+    hooks = pkg("attention.hooks")
+    src_text, tgt_text = "a woman with brown hair", "a woman with pink hair"
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=src_text, method="direct",
+                    steps=steps, cfg=7.5, latent=make_latent(size=8, seed=2))[0]
+    changed = tokens.tokenize_prompt(tiny.clip, tgt_text).find_text("pink")
+    ctrl, _ = emb_ctrl(tiny.clip, src_text, tgt_text)
+    for target, expect_equal in ((ctrl, True), (comfy_model.encode_text(tiny.clip, tgt_text), False)):
+        recorder = TargetKeys(changed)
+        call_node("AttnEditEditSampler", model=hooks.add_controller(tiny.model, recorder), inversion=inv,
+                  target=target)
+        assert sorted(recorder.gap) == list(range(steps))
+        if expect_equal:
+            assert max(recorder.gap.values()) < 1e-5
+        else:
+            assert min(recorder.gap.values()) > 1e-3
