@@ -10,7 +10,7 @@ from ..attention.store import merge_stores, store_from_run
 from ..inversion import comfy_model, engine
 from ..inversion.conditioning import single_entry
 from ..inversion.ddim import ddim_step
-from .common import AttnEditError, check_bound_inversions, check_inversion_model, wrap_errors
+from .common import AttnEditError, check_bound_inversions, check_inversion_model, check_text_encoder, wrap_errors
 from .types import ATTN_STORE, CAT_SAMPLING, INVERSION
 
 SAMPLER = "Attention Edit Sampler"
@@ -59,6 +59,11 @@ class AttnEditEditSampler:
         check_bound_inversions(SAMPLER, model, inversion)
         controllers = hooks.controllers_of(model)
         step_hooks = hooks.step_hooks_of(model)
+        if target is not None:
+            check_text_encoder(SAMPLER, model, target, "`target`")
+        for ctrl in controllers:
+            if ctrl.target_conditioning is not None:
+                check_text_encoder(SAMPLER, model, ctrl.target_conditioning, "the attention hook's target prompt")
         target, target_tokens = _resolve_target(controllers, inversion, target)
         grad = any(getattr(h, "NEEDS_GRAD", False) for h in step_hooks)
         inner = sum(h.progress_units(inversion.steps) for h in step_hooks if hasattr(h, "progress_units"))
