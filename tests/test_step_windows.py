@@ -106,15 +106,13 @@ def test_inversions_visit_every_step_once(tiny, method, steps):
         assert inv.steps == steps and len(sigmas) == steps + 1 and float(sigmas[-1]) == 0.0
         assert inv.latents.shape == (steps + 1, 1, 4, *hw) and noise["samples"].shape[-2:] == hw
         assert recon["samples"].shape[-2:] == hw
-        schedule = pkg("inversion.comfy_model").sigma_table(tiny.model)
-        # the UNet saw exactly the schedule's S timesteps (sigmas[:-1]), no other
-        sampling = tiny.model.get_model_object("model_sampling") if hasattr(tiny.model, "get_model_object") \
-            else tiny.model.model.model_sampling
-        expected = {round(float(sampling.timestep(s)), 3) for s in sigmas[:-1]}
-        assert {round(t, 3) for t in timesteps} == expected, (sorted(expected), sorted(set(timesteps)))
-        assert len(expected) == steps and schedule.numel() == 1000
+        # the UNet saw exactly the schedule's S noise levels (sigmas[:-1], ComfyUI passes sigma to the wrapper)
+        expected = {f"{float(s):.4g}" for s in sigmas[:-1]}
+        assert {f"{t:.4g}" for t in timesteps} == expected, (sorted(expected), sorted(set(timesteps)))
+        assert len(expected) == steps
         if method == "null_text":
-            assert inv.uncond.shape[0] == steps and len(inv.extras["null_text_iterations"][0]) == steps
+            # one null embedding per step, each optimised at most inner_steps = 1 time
+            assert inv.uncond.shape[0] == steps and 0 < inv.extras["null_text_iterations"][0] <= steps
         if method == "direct":
             assert inv.offsets.shape[:2] == (steps, 1) and inv.offsets.shape[-2:] == hw
 
