@@ -136,16 +136,17 @@ def check_bound_inversions(node: str, model, inversion) -> None:
                       f"{inversion.describe()}. Connect the same Invert Image output to {patch} and to this node.")
 
 
-def check_inversion_model(node: str, inversion, model, fingerprint) -> None:
+def check_inversion_model(node: str, inversion, model, fingerprint, *, source_pinned: bool = False) -> None:
     """The inversion must come from the same diffusion model that edits with it (refused otherwise); the same model
     with other weight patches (a LoRA applied after inverting) is warned about: the source branch drifts from the
-    inversion unless the inversion is redone with the patched MODEL or the sampler pins the source branch."""
+    inversion unless the inversion is redone with the patched MODEL or the sampler pins the source branch
+    (`source_pinned`: then the patch only acts on the target branch, as intended, and nothing is said)."""
     if tuple(inversion.fingerprint[:4]) != tuple(fingerprint[:4]):
         raise AttnEditError(
             node, f"`inversion` was made with another model ({inversion.fingerprint[0]}, {inversion.fingerprint[1]}) "
                   "than the MODEL connected here; connect the same checkpoint to the Invert node and to this node.")
     made, now = _patches_of(inversion.fingerprint), _patches_of(fingerprint)
-    if made != now:
+    if made != now and not source_pinned:
         warn(node, f"the MODEL's weight patches ({now or 'none'}) differ from those of the MODEL `inversion` was "
                    f"made with ({made or 'none'}), e.g. a LoRA applied after inverting: the source branch will not "
                    "regenerate the input. Invert with the same patched MODEL you edit with, or set the sampler's "

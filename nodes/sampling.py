@@ -55,7 +55,8 @@ class AttnEditEditSampler:
 
     def _sample(self, model, inversion, target, source_branch):
         comfy_model.require_family(model, SAMPLER)
-        check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model))
+        check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model),
+                              source_pinned=source_branch == SOURCE_BRANCH[1])
         check_bound_inversions(SAMPLER, model, inversion)
         controllers = hooks.controllers_of(model)
         step_hooks = hooks.step_hooks_of(model)

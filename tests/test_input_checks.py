@@ -210,6 +210,13 @@ def test_inversion_reused_with_a_weight_patched_model_warns(tiny, inv, caplog):
                      r"patched MODEL you edit with, or set the sampler's `source_branch` to 'pin to inversion'",
                      caplog.text), caplog.text
     assert not torch.equal(plain[1]["samples"], drifted[1]["samples"])  # the patch is real: the source drifts
+    # pinning the source branch to the inversion is the other fix: the LoRA then only acts on the target, no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pinned = call_node("AttnEditEditSampler", model=patched, inversion=inv, target=dog,
+                           source_branch="pin to inversion")
+    assert "weight patches" not in caplog.text
+    assert torch.allclose(pinned[1]["samples"], pkg("inversion.comfy_model").latent_to_raw(tiny.model, inv.latents[-1]))
     # inverting with the patched model gives an inversion that matches it: no warning
     caplog.clear()
     inv_patched = call_node("AttnEditInvert", model=patched, clip=tiny.clip, source_prompt=SRC, method="ddim",
