@@ -39,8 +39,17 @@ def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tens
     target tokens gives each of its target tokens 1/n of the sum of the m source tokens (reference code). SOT, EOT and
     padding map position to position after the last word.
 
-    Differences from the reference: after a swapped word whose token count changed, the tail (EOT, padding) stays
-    aligned to the source tail instead of being mapped j -> j.
+    Differences from the reference (prompt-to-prompt `get_replacement_mapper_`), both deliberate:
+    - Positions after the last swapped word: the reference maps every one of them j -> j (target token j reads source
+      token j). When a swapped word changed its token count (m source, n target tokens, m != n) that shifts every later
+      position by n - m, so here the unchanged words after it are mapped word to word (each target token reads the
+      same word's source token) and the tail (EOT, padding) reads the source tail: those unchanged words AND the tail
+      differ from the reference. With equal token counts (the usual one-token swap) the mapper is the reference's.
+    - Word boundaries: the reference splits prompts on spaces, so punctuation glued to a word ("cat,") is part of it;
+      here words are CLIP's BPE words, where a punctuation mark is a word of its own. A mark glued to a swapped word
+      therefore maps 1:1 to its counterpart instead of sharing the word's 1/n split, and word counts differ from the
+      reference's when punctuation is glued ("a cat, sitting" has 4 words here, 3 there; "a dog sitting" is refused as
+      a swap target here, accepted there).
     """
     _require_single_chunk(source, "source prompt")
     _require_single_chunk(target, "target prompt")

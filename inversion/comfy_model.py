@@ -10,6 +10,7 @@ the RunState.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -27,6 +28,19 @@ SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 
 class UnsupportedModelError(ValueError):
     """A MODEL whose family a technique does not support."""
+
+
+class InputSizeError(ValueError):
+    """An image or latent smaller than the UNet can denoise (fewer than one latent cell at its deepest level)."""
+
+
+class TextEncoderMismatchError(ValueError):
+    """Conditioning whose embedding width is not the MODEL's cross-attention context width (a CLIP of another
+    family)."""
+
+
+# embedding widths of the supported families' text encoders, to name the family a wrong CLIP belongs to
+CONTEXT_WIDTH_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 
 # ------------------------------------------------------------------------------------------------ host services
@@ -103,10 +117,103 @@ def count_sites(model, kind: str, level: int) -> int:
     return sum(1 for s in hooks.unet_sites(model) if s.level == level)
 
 
+def min_latent_side(model) -> int:
+    """Smallest latent side (cells) the UNet denoises with one cell at its deepest level: 2 ** (number of
+    down-samplings), i.e. 8 cells (64 px) for SD1.x / SD2.x, 4 cells (32 px) for SDXL. Below it the down-sampling
+    convolutions round 1 cell up and the skip connections no longer match the picture (or GroupNorm fails)."""
+    unet = getattr(model.model, "diffusion_model", None)
+    mult = getattr(unet, "channel_mult", None)
+    if mult is not None:
+        return 2 ** (len(mult) - 1)
+    blocks = getattr(unet, "input_blocks", [])
+    return 2 ** sum(1 for block in blocks for m in block if type(m).__name__ == "Downsample")
+
+
+def vae_scale(vae) -> int:
+    """Pixels per latent cell of `vae` (8 for SD VAEs)."""
+    ratio = getattr(vae, "downscale_ratio", 8)
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
+
+
+def check_latent_size(model, height: int, width: int, what: str, scale: int = 8) -> None:
+    """InputSizeError naming `what`, its size and the model's minimum when a latent of height x width cells (or an
+    image of that many cells times `scale` px) is smaller than the UNet can denoise (min_latent_side)."""
+    side = min_latent_side(model)
+    if height < side or width < side:
+        family = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(model_family(model), model_family(model))
+        raise InputSizeError(
+            f"{what} is {width * scale}x{height * scale} px ({width}x{height} latent cells); this {family} MODEL "
+            f"needs at least {side * scale}x{side * scale} px ({side}x{side} cells, one per UNet level). Use a larger "
+            "image (e.g. upscale it first).")
+
+
+def context_width(model) -> int | None:
+    """Width E of the cross-attention context the UNet takes (768 SD1.x, 1024 SD2.x, 2048 SDXL); None if unknown."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+    width = config.get("context_dim")
+    if width:
+        return int(width)
+    crosses = [m for m in model.model.modules() if type(m).__name__ == "CrossAttention" and hasattr(m, "to_k")
+               and m.to_k.in_features != getattr(m.to_q, "in_features", None)]
+    return int(crosses[0].to_k.in_features) if crosses else None
+
+
+def check_text_width(model, conditioning, what: str) -> None:
+    """TextEncoderMismatchError when the CONDITIONING `conditioning` (or a bare [B, T, E] context) was encoded by a
+    text encoder whose width E is not the MODEL's context width: a CLIP of another family (SDXL CLIP into an SD1.5
+    UNet), which would otherwise fail inside the model with "mat1 and mat2 shapes cannot be multiplied"."""
+    expected = context_width(model)
+    if expected is None or conditioning is None:
+        return
+    tensors = [conditioning] if isinstance(conditioning, torch.Tensor) else \
+        [entry[0] for entry in conditioning if isinstance(entry, (list, tuple)) and entry
+         and isinstance(entry[0], torch.Tensor)]
+    for tensor in tensors:
+        got = int(tensor.shape[-1])
+        if got != expected:
+            family = model_family(model)
+            names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+            other = CONTEXT_WIDTH_FAMILIES.get(got, "another model's")
+            raise TextEncoderMismatchError(
+                f"{what} comes from a text encoder of width {got} ({other} CLIP) but this {names.get(family, family)} "
+                f"MODEL takes text embeddings of width {expected}; connect the CLIP of the same checkpoint as the "
+                "MODEL (e.g. the CLIP output of the Load Checkpoint node that gives this MODEL).")
+
+
+def weight_patches_digest(model) -> str:
+    """A short digest of the weight patches on the ModelPatcher (LoRA and other `add_patches` patches: keys, strengths
+    and the identity of the patch tensors); "" when there are none. Object patches and model_options (attention
+    patches such as the pack's own hooks, sampling overrides) are not weight changes and are not included."""
+    patches = getattr(model, "patches", None) or {}
+    if not patches:
+        return ""
+    digest = hashlib.sha1()
+    for key in sorted(patches):
+        digest.update(repr((key, [_patch_token(p) for p in patches[key]])).encode())
+    return f"{len(patches)} patched weights #{digest.hexdigest()[:12]}"
+
+
+def _patch_token(obj, depth: int = 0):
+    """A hashable description of one patch entry: numbers and strings as they are, tensors by shape and storage."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), str(obj.dtype), obj.data_ptr())
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if depth > 4:
+        return (type(obj).__name__, id(obj))
+    if isinstance(obj, (list, tuple)):
+        return tuple(_patch_token(o, depth + 1) for o in obj)
+    if hasattr(obj, "weights"):  # LoRAAdapter and other weight adapters of newer hosts
+        return (type(obj).__name__, _patch_token(obj.weights, depth + 1))
+    return (type(obj).__name__, id(obj))
+
+
 def model_fingerprint(model) -> tuple:
-    """Identity of the diffusion model under any patches: inversions are only valid for the model they were made on."""
+    """Identity of the diffusion model: (class, family, model type, id of the base model, weight-patch digest).
+    Inversions are only valid for the model they were made on; the last entry tells a LoRA'd copy from the plain one."""
     base = model.model
-    return (type(base).__name__, model_family(model), str(getattr(base, "model_type", "")), id(base))
+    return (type(base).__name__, model_family(model), str(getattr(base, "model_type", "")), id(base),
+            weight_patches_digest(model))
 
 
 def sigma_table(model) -> torch.Tensor:
@@ -237,6 +344,9 @@ def run_sampler(model, positive: list, negative: list, latent: torch.Tensor, sig
     import comfy.sample
     import comfy.samplers
 
+    check_latent_size(model, int(latent.shape[-2]), int(latent.shape[-1]), "the latent")
+    check_text_width(model, positive, "the prompt's conditioning")
+    check_text_width(model, negative, "the negative conditioning")
     clone = model.clone()
     hooks.install_unet_wrapper(clone)
     hooks.install_dispatch(clone)

@@ -1,5 +1,8 @@
 """Deterministic DDIM sampling and inversion (Song et al., ICLR 2021) in ComfyUI's sigma parameterisation. Pure torch.
 
+Inversion starts from alpha_bar = 1 (ComfyUI sigma = 0) rather than alpha_bar_0, as the reference code does (see
+`invert`).
+
 `denoise(x, sigma) -> x0_hat` is any denoiser in model space (ComfyUI's CFG-combined denoised output). Working from
 the denoised estimate keeps the maths the same for eps- and v-prediction models: the implied noise is always
 eps = (x - x0_hat) / sigma.
@@ -44,6 +47,11 @@ def invert(denoise: Denoise, x0: torch.Tensor, sigmas: torch.Tensor,
     """DDIM inversion of a clean latent along the descending schedule `sigmas` [S+1] (last entry 0).
 
     Returns latents [S+1, *x0.shape] aligned with `sigmas`: latents[S] = x0, latents[0] = x_T.
+
+    Differences: the first inversion step starts from the clean latent at alpha_bar = 1 (ComfyUI's sigma = 0, the
+    schedule's last entry), as the P2P / null-text reference code does (its x_0 is the VAE latent, with no noise), not
+    from alpha_bar_0 = 1 - beta_0 (sigma ~ 0.029 for SD's table) that Song et al.'s discrete chain x_0 -> x_1 starts
+    from. The difference is the first step's size only; the rest of the chain is Eq. 12 run backwards.
     """
     steps = len(sigmas) - 1
     latents = [x0]

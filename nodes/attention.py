@@ -9,7 +9,7 @@ from ..attention.layers import SEMANTIC_LEVEL
 from ..attention.tokens import parse_word_values, split_words, tokenize_prompt, word_token_ids
 from ..attention.visualize import heatmap_grid
 from ..inversion import comfy_model
-from .common import AttnEditError, wrap_errors
+from .common import AttnEditError, check_text_encoder, wrap_errors
 from .types import ATTN_STORE, CAT_ATTENTION
 
 HOOK = "Prompt-to-Prompt Attention Hook"
@@ -81,6 +81,7 @@ class AttnEditAttentionHook:
         src, tgt = tokenize_prompt(clip, source_prompt), tokenize_prompt(clip, target_prompt)
         lookup = lambda word: word_token_ids(clip, word)  # noqa: E731
         target = comfy_model.encode_text(clip, target_prompt)
+        check_text_encoder(HOOK, model, target, "`clip`")
         controller = p2p.build_controller(
             src, tgt, lookup, mode, cross_replace, self_replace, parse_word_values(reweight, "reweight"),
             parse_word_values(cross_replace_words, "cross_replace_words"), 1 if all_layers else p2p.SELF_MIN_LEVEL,

@@ -16,7 +16,7 @@ from ..inversion.schedule import ddim_sigmas
 from ..inversion.trajectory import InversionTrajectory
 from ..masks.background import BACKGROUND_THRESHOLD
 from ..masks.ops import as_mask_batch, aspect_mismatch, grid_to_image, mask_to_grid
-from .common import AttnEditError, crop_to_multiple, wrap_errors
+from .common import AttnEditError, check_image_size, check_text_encoder, crop_to_multiple, wrap_errors
 from .inversion import _measure
 from .types import ATTN_STORE, CAT_INVERSION, INVERSION
 
@@ -115,6 +115,7 @@ class AttnEditDynamicPromptLearn:
     def _invert(self, model, clip, source_prompt, nouns, steps, cfg, image, vae, latent, background, negative_prompt,
                 settings):
         comfy_model.require_family(model, NODE)
+        check_image_size(NODE, model, image, vae)
         samples, reference = _input_latent(image, vae, latent)
         tokens = tokenize_prompt(clip, source_prompt)
         words = split_words(nouns)
@@ -124,6 +125,7 @@ class AttnEditDynamicPromptLearn:
         positions = word_positions(clip, tokens, words, "source prompt")
         masks = _background_masks(background, samples, settings.level)
         source = comfy_model.encode_text(clip, source_prompt)
+        check_text_encoder(NODE, model, source, "`clip`")
         negative = comfy_model.encode_text(clip, negative_prompt)
         sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
         steps = len(sigmas) - 1

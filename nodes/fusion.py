@@ -13,7 +13,7 @@ from ..inversion import comfy_model
 from ..inversion import fusion as inv_fusion
 from ..inversion.conditioning import single_entry
 from ..masks.ops import as_mask_batch, aspect_mismatch, mask_to_grid
-from .common import AttnEditError, check_inversion_model, warn, wrap_errors
+from .common import AttnEditError, check_inversion_model, check_text_encoder, warn, wrap_errors
 from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -109,6 +109,8 @@ class AttnEditFusionWithAdapter:
         control = _adapter_control(adapter)
         _check_adapter_family(control, comfy_model.model_family(model))
         target = comfy_model.encode_text(clip, target_prompt)
+        check_text_encoder(FUSION, model, target, "`clip`")
+        check_text_encoder(FUSION, model, adapter, "`adapter`")
         sources = attn_fusion.ALG1_SOURCES if control is not None else attn_fusion.ALG5_SOURCES
         patched = hooks.add_controller(model, fusion_controller(sources, int(start_step), layers, inversion.steps))
         roles = {attn_fusion.T2I_BAR, attn_fusion.T2I}

@@ -13,7 +13,7 @@ from ..inversion.instant import InstantSettings
 from ..inversion.schedule import ddim_sigmas
 from ..masks import instant as instant_mask
 from ..masks import ops
-from .common import AttnEditError, crop_to_multiple, warn, wrap_errors
+from .common import AttnEditError, check_image_size, check_text_encoder, crop_to_multiple, warn, wrap_errors
 from .types import CAT_TECHNIQUES
 
 log = logging.getLogger("attention_edit")
@@ -136,6 +136,7 @@ def _finish_model(model, inpaint_model, settings):
 
 def _edit(image, model, clip, vae, text, inpaint_model, settings, seed, negative_prompt, paste_back, feather):
     comfy_model.require_family(model, NODE)
+    check_image_size(NODE, model, image, vae)
     if not text.strip():
         raise AttnEditError(NODE, "`edit_text` is empty; describe the edited picture, e.g. 'a photo of a dog'")
     if feather < 0:
@@ -145,6 +146,7 @@ def _edit(image, model, clip, vae, text, inpaint_model, settings, seed, negative
     with engine.seeded(seed):
         latents = comfy_model.vae_encode(vae, image).float()
     positive, negative = comfy_model.encode_text(clip, text), comfy_model.encode_text(clip, negative_prompt)
+    check_text_encoder(NODE, model, positive, "`clip`")
     words = [pos for pos, _ in tokenize_prompt(clip, text).word_groups()]
     sigmas = ddim_sigmas(comfy_model.sigma_table(model), settings.steps)
     units = engine.steps_for(settings.steps, settings.strength)

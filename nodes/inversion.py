@@ -14,7 +14,7 @@ from ..inversion import comfy_model, engine, null_text
 from ..inversion.quality import psnr
 from ..inversion.schedule import ddim_sigmas
 from ..inversion.trajectory import METHODS, InversionTrajectory
-from .common import AttnEditError, crop_to_multiple, wrap_errors
+from .common import AttnEditError, check_image_size, check_text_encoder, crop_to_multiple, wrap_errors
 from .types import ATTN_STORE, CAT_INVERSION, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -87,11 +87,12 @@ class AttnEditInvert:
         comfy_model.require_family(model, NODE)
         if method not in METHODS:
             raise AttnEditError(NODE, f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}")
-        samples, reference = _input_latent(image, vae, latent)
+        source = comfy_model.encode_text(clip, source_prompt)
+        check_text_encoder(NODE, model, source, "`clip`")
+        negative = comfy_model.encode_text(clip, negative_prompt)
+        samples, reference = _input_latent(model, image, vae, latent)
         if reference is None and vae is not None:
             reference = comfy_model.vae_decode(vae, samples)
-        source = comfy_model.encode_text(clip, source_prompt)
-        negative = comfy_model.encode_text(clip, negative_prompt)
         sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
         steps = len(sigmas) - 1
         capture = CaptureSpec(cross_levels=frozenset({SEMANTIC_LEVEL}),
@@ -105,7 +106,7 @@ class AttnEditInvert:
                         negative_prompt)
 
 
-def _input_latent(image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _input_latent(model, image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Raw latent samples to invert and the reference image for the PSNR (None when given a latent)."""
     if image is not None and latent is not None:
         raise AttnEditError(NODE, "both `image` and `latent` are connected; connect only one of them")
@@ -113,9 +114,12 @@ def _input_latent(image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None
         if vae is None:
             raise AttnEditError(NODE, "`image` needs a `vae` to be encoded; connect the checkpoint's VAE")
         image = crop_to_multiple(image, 8, NODE)
+        check_image_size(NODE, model, image, vae)
         return comfy_model.vae_encode(vae, image).float(), image
     if latent is not None:
-        return latent["samples"].float(), None
+        samples = latent["samples"].float()
+        comfy_model.check_latent_size(model, samples.shape[-2], samples.shape[-1], "`latent`")
+        return samples, None
     raise AttnEditError(NODE, "nothing to invert: connect `image` (with `vae`) or `latent`")
 
 

@@ -9,7 +9,7 @@ import torch
 from ..attention.tokens import split_words
 from ..masks import background, from_attention, instant, local_blend, ops, preview
 from ..masks.from_attention import MaskSettings
-from .common import AttnEditError, wrap_errors
+from .common import AttnEditError, warn, wrap_errors
 from .types import ATTN_STORE, CAT_MASKS
 
 log = logging.getLogger("attention_edit")
@@ -96,7 +96,36 @@ class AttnEditMaskFromAttention:
              image=None, latent=None, scale=LATENT_SCALE):
         settings = MaskSettings(mode, tuple(split_words(words)), float(threshold), int(dilation), float(phi),
                                 float(gamma1), float(gamma2), int(clusters), float(background_threshold))
+        for sentence in knobs_without_effect(settings, image is not None or latent is not None, int(scale)):
+            warn(NODE, sentence)
         return wrap_errors(NODE, _make, attention, settings, branch, image_index, image, latent, scale)
+
+
+# the knobs each mode reads, with their defaults: a knob changed from its default for another mode does nothing
+MODE_KNOBS = {
+    from_attention.LOCAL_BLEND: {"threshold": local_blend.THRESHOLD, "dilation": local_blend.DILATION},
+    from_attention.INSTANT: {"phi": instant.PHI, "gamma1": instant.GAMMA1, "gamma2": instant.GAMMA2},
+    from_attention.BACKGROUND: {"clusters": background.BACKGROUND_CLUSTERS,
+                                "background_threshold": background.BACKGROUND_THRESHOLD},
+}
+
+
+def knobs_without_effect(settings: MaskSettings, sized: bool, scale: int) -> list[str]:
+    """One sentence per knob set away from its default that the chosen mode does not read (e.g. `threshold` in mode
+    'instant'), and for `scale` when an image or latent sets the size, naming the knob, its value and the fix."""
+    sentences = []
+    for mode, knobs in MODE_KNOBS.items():
+        if mode == settings.mode:
+            continue
+        for name, default in knobs.items():
+            value = getattr(settings, name)
+            if value != default:
+                sentences.append(f"`{name}` {value:g} only applies to mode '{mode}'; the mode is '{settings.mode}', "
+                                 f"so it has no effect. Set `mode` to '{mode}' or leave `{name}` at {default:g}.")
+    if sized and scale != LATENT_SCALE:
+        sentences.append(f"`scale` {scale} is only used when neither `image` nor `latent` is connected; the mask "
+                         "takes its size from the connected input. Disconnect it or leave `scale` at 8.")
+    return sentences
 
 
 def _sizes(store, image, latent, scale) -> tuple[tuple[int, int], tuple[int, int]]:

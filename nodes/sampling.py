@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import hooks
+from ..attention import hooks, p2p
 from ..attention.run import CaptureSpec
 from ..attention.store import merge_stores, store_from_run
 from ..inversion import comfy_model, engine
 from ..inversion.conditioning import single_entry
 from ..inversion.ddim import ddim_step
-from .common import AttnEditError, check_bound_inversions, check_inversion_model, wrap_errors
+from .common import AttnEditError, check_bound_inversions, check_inversion_model, check_text_encoder, warn, wrap_errors
 from .types import ATTN_STORE, CAT_SAMPLING, INVERSION
 
 SAMPLER = "Attention Edit Sampler"
@@ -55,11 +55,19 @@ class AttnEditEditSampler:
 
     def _sample(self, model, inversion, target, source_branch):
         comfy_model.require_family(model, SAMPLER)
-        check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model))
+        check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model),
+                              source_pinned=source_branch == SOURCE_BRANCH[1])
         check_bound_inversions(SAMPLER, model, inversion)
         controllers = hooks.controllers_of(model)
         step_hooks = hooks.step_hooks_of(model)
+        if target is not None:
+            check_text_encoder(SAMPLER, model, target, "`target`")
+        for ctrl in controllers:
+            if ctrl.target_conditioning is not None:
+                check_text_encoder(SAMPLER, model, ctrl.target_conditioning, "the attention hook's target prompt")
         target, target_tokens = _resolve_target(controllers, inversion, target)
+        for sentence in knobs_without_effect(controllers, step_hooks, inversion.steps):
+            warn(SAMPLER, sentence)
         grad = any(getattr(h, "NEEDS_GRAD", False) for h in step_hooks)
         inner = sum(h.progress_units(inversion.steps) for h in step_hooks if hasattr(h, "progress_units"))
         progress = comfy_model.Progress(model, (inversion.steps + inner) * inversion.batch)
@@ -103,6 +111,55 @@ def _resolve_target(controllers, inversion, target):
                                          "prompt with the same CLIP")
         return target, defined[0].target_tokens
     return target, None
+
+
+def knobs_without_effect(controllers, step_hooks, steps: int) -> list[str]:
+    """One sentence per Prompt-to-Prompt / local blend setting that cannot take effect in a run of `steps` steps
+    (a window that rounds to zero steps, a start past the last step), naming the knob, its value and the fix.
+
+    The windows are P2P's own step rounding (p2p.window_steps, p2p.self_window_steps; LocalBlend starts at
+    int(start * S)); a knob set to exactly 0 is "off" on purpose and is not reported."""
+    sentences = []
+    for ctrl in controllers:
+        if not isinstance(ctrl, p2p.PromptToPrompt):
+            continue
+        windows = [(float(a), float(b)) for a, b in ctrl.cross_windows.tolist()]
+        empty = sorted({b for a, b in windows if b > a and _span(p2p.window_steps((a, b), steps)) == 0})
+        for end in empty:
+            sentences.append(
+                f"the cross-attention window {end:g} (`cross_replace` or a `cross_replace_words` value) covers 0 of "
+                f"the {steps} steps (int({end:g} x {steps + 1}) = 0), so that attention is never replaced; raise it "
+                f"to at least {_at_least(1, steps + 1)} or set it to 0 to turn it off on purpose.")
+        if ctrl.equalizer is not None:
+            scaled = [i for i, c in enumerate(ctrl.equalizer.tolist()) if c != 1.0]
+            if scaled and all(_span(p2p.window_steps(windows[i], steps)) == 0 for i in scaled):
+                sentences.append(
+                    f"`reweight` is applied inside the cross-attention window only, and the re-weighted words' window "
+                    f"({', '.join(sorted({f'{windows[i][1]:g}' for i in scaled}))}) covers 0 of the {steps} steps: "
+                    f"the re-weighting never applies; raise `cross_replace` (or the word's `cross_replace_words` "
+                    f"value) to at least {_at_least(1, steps + 1)}.")
+        start, end = ctrl.self_window
+        if end > start and _span(p2p.self_window_steps(ctrl.self_window, steps)) == 0:
+            sentences.append(
+                f"`self_replace` {end:g} covers 0 of the {steps} steps (int({steps} x {end:g}) = 0), so no "
+                f"self-attention is injected; raise it to at least {_at_least(1, steps)} or set it to 0 to turn it "
+                "off on purpose.")
+    for hook in step_hooks:
+        if isinstance(hook, p2p.LocalBlend) and int(hook.start * steps) >= steps:
+            sentences.append(
+                f"local blend's `blend_start` {hook.start:g} starts at step {int(hook.start * steps)} of a "
+                f"{steps}-step run (steps 0 to {steps - 1}), so local blend never runs; lower `blend_start` below "
+                "1.0 (the paper: 0.2).")
+    return sentences
+
+
+def _span(window: tuple[int, int]) -> int:
+    return max(window[1] - window[0], 0)
+
+
+def _at_least(steps_needed: int, per: int) -> str:
+    """The smallest fraction f with int(f * per) >= steps_needed, rounded up to 3 decimals (a value a widget takes)."""
+    return f"{-(-steps_needed * 1000 // per) / 1000:g}"
 
 
 def ddim_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):

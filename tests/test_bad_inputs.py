@@ -46,6 +46,20 @@ Issue bullet -> tests (here unless a module is named; the technique modules keep
 - the same node run twice in one prompt; two different edits queued back to back (ComfyUI's executor, headless):
     test_same_nodes_twice_in_one_prompt_equal_each_alone, test_two_edits_queued_back_to_back_equal_each_alone.
 - (also) another pack's attention patch on the MODEL: test_foreign_attention_patch_is_left_alone.
+Issue 18 bad input (tests/test_input_checks.py, tests/test_step_windows.py):
+- an image / latent below the model's minimum (one latent cell per UNet level; SD1.x and SDXL):
+    test_input_checks::test_image_below_the_model_minimum_is_refused_by_size (Invert, DPL, InstDiffEdit),
+    test_input_checks::test_latent_below_the_model_minimum_is_refused,
+    test_input_checks::test_smallest_allowed_image_works_and_the_next_run_is_unaffected;
+  torch's own ValueErrors are internal failures, not input checks:
+    test_input_checks::test_torch_value_errors_are_not_presented_as_input_checks,
+    test_input_checks::test_a_torch_value_error_inside_a_node_names_what_was_running.
+- a CLIP of another family: test_input_checks::test_a_clip_of_another_family_is_refused_at_every_node,
+    test_input_checks::test_after_a_refused_clip_the_next_run_is_unaffected.
+- an inversion reused with a weight-patched MODEL: test_input_checks::test_inversion_reused_with_a_weight_patched_model_warns.
+- knobs that cannot take effect: test_step_windows::test_knobs_that_cannot_take_effect_warn,
+    test_step_windows::test_knobs_set_to_zero_on_purpose_are_not_reported,
+    test_step_windows::test_mask_knobs_of_another_mode_warn.
 Isolation:
 - no module-level assignment into comfy.* / torch.*:
     test_packaging::test_no_module_level_assignment_into_comfy_or_torch.
