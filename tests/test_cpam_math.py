@@ -125,11 +125,33 @@ def test_layer_numbering_matches_the_papers_sd15_order(tiny):
 def test_expand_mask_hand_computed():
     m = torch.zeros(1, 1, 16, 16)
     m[0, 0, 6:10, 6:10] = 1  # area 16 -> sqrt 4
-    assert torch.equal(cmasks.expand_mask(m, 0.1), m)  # side floor(0.4) = 0: clone
-    grown = cmasks.expand_mask(m, 1.0)  # side 4 -> odd kernel 3: one cell on every side
+    grown = cmasks.expand_mask(m, 0.1)  # side floor(0.4) = 0, but a non-empty mask grows by at least one cell
     assert grown.sum() == 36 and bool(grown[0, 0, 5:11, 5:11].eq(1).all())
-    soft = m * 0.4  # coverage below one half is outside
+    wide = cmasks.expand_mask(m, 1.0)  # side 4 -> rounded up to the odd 5: two cells on every side
+    assert wide.sum() == 64 and bool(wide[0, 0, 4:12, 4:12].eq(1).all())
+    assert torch.equal(cmasks.expand_mask(m, 0.0), m)  # scale 0: exact clone
+    soft = m * 0.4  # coverage below one half is outside: an empty mask stays empty
     assert cmasks.expand_mask(soft, 1.0).sum() == 0
+    # the side: floor(sqrt(area) * scale) rounded up to odd, at least 3 when scale > 0 (boundaries of each rule)
+    assert [cmasks.dilation_side(a, 0.1) for a in (1, 399, 400, 899, 900, 1599, 1600, 2500, 3600)] == \
+        [3, 3, 3, 3, 3, 3, 5, 5, 7]
+    assert cmasks.dilation_side(0, 0.1) == 1 and cmasks.dilation_side(100, 0.0) == 1
+
+
+def test_expand_mask_grows_the_shipped_workflows_cat_box():
+    """The box of tools/workflow_defs/cpam.py on the 512 px picture (21 x 35 latent cells, 18% of the image):
+    floor(sqrt(735) * 0.1) = 2, so the old odd-rounded-down kernel (side 1) did not grow it at all."""
+    from workflow_defs.cpam import CAT_BOX as box  # tools/ is on sys.path (conftest)
+
+    mask = torch.zeros(1, 512, 512)
+    mask[:, box["y"]:box["y"] + box["height"], box["x"]:box["x"] + box["width"]] = 1.0
+    cells = pkg("masks.ops").mask_to_grid(mask, (64, 64))
+    assert cells.sum() == 21 * 35
+    grown = cmasks.expand_mask(cells, cmasks.MASK_EXPAND_SCALE)
+    assert grown.sum() == 23 * 37  # one cell on every side
+    top, left = box["y"] // 8, box["x"] // 8
+    assert bool(grown[0, 0, top - 1:top + 36, left - 1:left + 22].eq(1).all())
+    assert grown[0, 0, top - 2].sum() == 0 and grown[0, 0, :, left - 2].sum() == 0
 
 
 def test_mask_from_attention_hand_computed():
