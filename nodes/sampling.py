@@ -10,7 +10,7 @@ from ..attention.store import merge_stores, store_from_run
 from ..inversion import comfy_model, engine
 from ..inversion.conditioning import single_entry
 from ..inversion.ddim import ddim_step
-from .common import AttnEditError, check_bound_inversions, check_inversion_model, wrap_errors
+from .common import AttnEditError, check_bound_inversions, check_inversion_model, warn, wrap_errors
 from .types import ATTN_STORE, CAT_SAMPLING, INVERSION
 
 SAMPLER = "Attention Edit Sampler"
@@ -46,7 +46,9 @@ class AttnEditEditSampler:
                                                         "tooltip": "reconstruct: the source branch regenerates the "
                                                                    "image as the papers do. pin to inversion: force "
                                                                    "it onto the inversion latents every step (exact "
-                                                                   "source, any method)."}),
+                                                                   "source, any method). A CPAM patch on the model "
+                                                                   "always pins (its keys/values come from the "
+                                                                   "inversion latents)."}),
             },
         }
 
@@ -60,6 +62,7 @@ class AttnEditEditSampler:
         controllers = hooks.controllers_of(model)
         step_hooks = hooks.step_hooks_of(model)
         target, target_tokens = _resolve_target(controllers, inversion, target)
+        pin = _pin_source(controllers, source_branch)
         grad = any(getattr(h, "NEEDS_GRAD", False) for h in step_hooks)
         inner = sum(h.progress_units(inversion.steps) for h in step_hooks if hasattr(h, "progress_units"))
         progress = comfy_model.Progress(model, (inversion.steps + inner) * inversion.batch)
@@ -67,7 +70,7 @@ class AttnEditEditSampler:
         for i in range(inversion.batch):
             final, captured, _state = engine.edit_image(
                 model, inversion, i, target, step_hooks, capture=CaptureSpec(),
-                pin_source=source_branch == SOURCE_BRANCH[1], grad=grad, progress=progress.update)
+                pin_source=pin, grad=grad, progress=progress.update)
             finals.append(final)
             stores.append(store_from_run(captured, (inversion.source_tokens, target_tokens), inversion.latent_hw,
                                          comfy_model.intermediate_device()))
@@ -76,6 +79,19 @@ class AttnEditEditSampler:
         return ({"samples": comfy_model.latent_to_raw(model, edited).to(comfy_model.intermediate_device())},
                 {"samples": comfy_model.latent_to_raw(model, source).to(comfy_model.intermediate_device())},
                 merge_stores(stores))
+
+
+def _pin_source(controllers, source_branch: str) -> bool:
+    """Whether the source rows are pinned to the inversion latents: `source_branch`, or forced (with a warning) by a
+    controller that reads the inversion's own latents there (CPAM, Alg. 1 l.3)."""
+    pin = source_branch == SOURCE_BRANCH[1]
+    pinning = sorted({type(c).__name__ for c in controllers if c.PINS_SOURCE})
+    if pinning and not pin:
+        warn(SAMPLER, f"`source_branch` {source_branch!r} cannot take effect with {', '.join(pinning)} on the model: "
+                      "its source keys/values must come from the inversion latents z_i themselves (CPAM Alg. 1 l.3), "
+                      f"so the source branch is pinned to the inversion. Set `source_branch` to {SOURCE_BRANCH[1]!r} "
+                      "to silence this.")
+    return pin or bool(pinning)
 
 
 def _resolve_target(controllers, inversion, target):
