@@ -259,9 +259,9 @@ class CPAMController(Controller):
     change); target_masks [B, h, w]: the static M_t (cloned, expanded or empty). layers: the paper's layer index l
     of each (block, index) (Eq. 2's gate). free_layers [S, A]: the seeded 10% table over the A self-attention layers
     numbered by `attention_layers` (block, index, depth) -> column (None: the column is l, as on SD1.x). start_step
-    and refine_step are steps of this run (already moved from the paper's 50-step schedule by `run_step`). null_context [1, T, E]: the inversion's negative
-    prompt, used as Null when the step has no ∅_t. region_context [1, T, E] or None: the background prompt of the
-    regional strategy.
+    and refine_step are steps of this run (moved from the paper's 50-step schedule by `run_step`). null_context
+    [1, T, E]: the inversion's negative prompt, used as Null when the step has no ∅_t. region_context [1, T, E] or
+    None: the background prompt of the regional strategy.
     """
 
     strategy: Strategy

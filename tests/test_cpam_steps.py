@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import call_node, make_latent, pkg
+from conftest import call_node, pkg
 
 cpam = pkg("attention.cpam")
 core = pkg("attention.core")
