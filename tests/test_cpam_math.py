@@ -284,3 +284,28 @@ def test_controller_reads_its_masks_back_once_per_run_not_per_layer_call():
     assert all(torch.equal(a, out) for a in again) and torch.equal(fresh, out)
     first.run.clear()
     assert not first.run._memo
+
+
+def test_free_layers_count_every_attention_layer_of_a_block():
+    """Sec. 3.3's "10% of the layers" counts attention layers: SDXL's 70 (2 or 10 transformer depths per block) give
+    7 free layers per step, not 1 of its 11 blocks; each depth looks up its own column of the table."""
+    sdxl = ([("input", i, d) for i in (4, 5) for d in range(2)] + [("input", i, d) for i in (7, 8) for d in range(10)]
+            + [("middle", 0, d) for d in range(10)] + [("output", i, d) for i in (0, 1, 2) for d in range(10)]
+            + [("output", i, d) for i in (3, 4, 5) for d in range(2)])
+    columns = cpam.attention_layers(sdxl)
+    assert len(columns) == 70 and list(columns.values()) == list(range(70))
+    assert cpam.free_layer_count(len(columns)) == 7 and cpam.free_layer_count(16) == 2  # nearest to 7.0 and 1.6
+    assert cpam.free_layer_count(15) == 2 and cpam.free_layer_count(14) == 1  # 1.5 rounds up, 1.4 down
+    assert bool((cpam.free_layer_table(3, 4, 70).sum(1) == 7).all())
+    q, k, v, _, _ = random_qkv()
+    mask = torch.zeros(1, 4, 4)
+    mask[0, :2] = 1
+    free = torch.zeros(4, 2, dtype=torch.bool)
+    free[2, 1] = True  # at step 2 the second depth of ("output", 4) is free, the first is not
+    ctrl = controller("edit object (keep identity)", mask, free=free, start_step=2, start_layer=8,
+                      attention_layers={("output", 4, 0): 0, ("output", 4, 1): 1, ("input", 1, 0): 0})
+    normal = core.masked_attention(q, k, v, 2)
+    depth0, depth1 = make_call("self", q, k, v, step=2, layout=(0,)), make_call("self", q, k, v, step=2, layout=(0,))
+    depth1.site = layers_mod.AttnSite("output", 4, 1, 1)
+    assert torch.equal(ctrl.edit_output(depth1, normal), normal)  # free: normal self-attention everywhere
+    assert not torch.allclose(ctrl.edit_output(depth0, normal)[1], normal[1])  # same block, not free: adapted

@@ -260,3 +260,46 @@ def test_null_prompt_ddim_inversion_hears_only_the_null_text(tiny, caplog):
         null_k = to_k(inv.negative[0][0])
     assert torch.allclose(call["k"][src:src + 1], null_k, atol=1e-5)
     assert not torch.allclose(call["k"][tgt:tgt + 1], null_k, atol=1e-3)
+
+
+def test_768px_sd15_shaped_grids_without_the_unet():
+    """SD1.5 at 768 px (96 x 96 latent; attention grids 96, 48, 24, 12): the tiny UNet at that size is too slow for
+    the suite on CPU, so the controller runs on synthetic calls at each of those grids. Eq. 4 holds with the mask
+    aligned to every grid, the object gate opens at the moved S, and the refinement maps at the 24 x 24 semantic
+    grid come back at latent resolution."""
+    mask = box(768, 768, 200, 264, 296, 240)  # 37 x 30 latent cells at (25, 33) (pixel box on 8 px cells)
+    latent = ops.mask_to_grid(mask, (96, 96))[:, 0]
+    assert latent.sum() == 37 * 30
+    steps = 20
+    s, t_m = cpam.run_step(cpam.START_STEP, steps), cpam.run_step(cmasks.REFINE_START_STEP, steps)
+    ctrl = cpam.CPAMController(
+        strategy=cpam.STRATEGIES["edit object (keep identity)"], source_masks=latent,
+        target_masks=cmasks.expand_mask(latent[:, None])[:, 0], layers={("output", 4): 8, ("output", 3): 7},
+        free_layers=torch.zeros(steps, 16, dtype=torch.bool), null_context=torch.zeros(1, 77, 8), start_step=s,
+        start_layer=8, refine_step=t_m)
+    g = torch.Generator().manual_seed(0)
+    run = run_mod.RunState(torch.linspace(10, 0, steps + 1), ("source", "target"))
+    for level, side in ((1, 96), (2, 48), (4, 24), (8, 12)):
+        n = side * side
+        q = torch.randn(2, n, 8, generator=g)
+        k, v, kn, vn = (torch.randn(2, 77, 8, generator=g) for _ in range(4))
+        for step in (t_m - 1, t_m):
+            call = run_mod.AttnCall(q, k, v, 2, "cross", pkg("attention.layers").AttnSite("input", 1, 0, level),
+                                    (side, side), run_mod.BatchLayout((0,), 2), run, float(run.sigmas[step]))
+            call.extra = {"null": (kn, vn)}
+            out = ctrl.edit_output(call, core.masked_attention(q, k, v, 2))
+            m = grid((latent if step < t_m else ctrl.target_masks)[:1], (side, side))
+            null = core.masked_attention(q[1:], kn[1:], vn[1:], 2)
+            assert m.any() and torch.equal(out[1:, ~m], null[:, ~m]) and not torch.equal(out[1:, m], null[:, m])
+    q, k, v = (torch.randn(2, 576, 8, generator=g) for _ in range(3))
+    m_t = grid(ctrl.target_masks[:1], (24, 24))
+    for step, site in ((s - 1, ("output", 4)), (s, ("output", 4)), (s, ("output", 3))):
+        call = run_mod.AttnCall(q, k, v, 2, "self", pkg("attention.layers").AttnSite(*site, 0, 4), (24, 24),
+                                run_mod.BatchLayout((0,), 2), run, float(run.sigmas[step]))
+        out = ctrl.edit_output(call, core.masked_attention(q, k, v, 2))
+        m = m_t if step >= t_m else grid(latent[:1], (24, 24))
+        kept = core.masked_attention(q[1:, m], k[:1], v[:1], 2, m.view(1, 1, 1, -1))
+        assert torch.allclose(out[1:, m], kept, atol=1e-5) == (step >= s and site == ("output", 4)), (step, site)
+    maps = torch.rand(576, 77, generator=g)
+    refined = cmasks.mask_from_attention(maps, [5], (24, 24), (96, 96))
+    assert refined.shape == (1, 1, 96, 96) and bool(refined.any())
