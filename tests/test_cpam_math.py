@@ -132,6 +132,7 @@ def test_expand_mask_hand_computed():
     assert torch.equal(cmasks.expand_mask(m, 0.0), m)  # scale 0: exact clone
     soft = m * 0.4  # coverage below one half is outside: an empty mask stays empty
     assert cmasks.expand_mask(soft, 1.0).sum() == 0
+    assert torch.equal(cmasks.expand_mask(m * 0.5, 0.0), m)  # exactly half covered is inside (>= 0.5)
     # the side: floor(sqrt(area) * scale) rounded up to odd, at least 3 when scale > 0 (boundaries of each rule)
     assert [cmasks.dilation_side(a, 0.1) for a in (1, 399, 400, 899, 900, 1599, 1600, 2500, 3600)] == \
         [3, 3, 3, 3, 3, 3, 5, 5, 7]
@@ -163,6 +164,18 @@ def test_mask_from_attention_hand_computed():
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.float32)
     assert torch.equal(mask[0, 0], expected)
     assert cmasks.mask_from_attention(torch.ones(4, 10), [3], (2, 2), (4, 4)).sum() == 0  # flat map: empty
+    # the threshold itself is inside (>=): normalised 0.25 exactly, just below it outside
+    maps = torch.zeros(4, 2)
+    maps[:, 1] = torch.tensor([0.0, 4.0, 1.0, 0.96])  # min-max: 0, 1, 0.25, 0.24
+    edge = cmasks.mask_from_attention(maps, [1], (2, 2), (2, 2), threshold=0.25)
+    assert edge.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+    # a non-square grid (2 x 3) is read row-major and resized to a non-square latent (4 x 6)
+    maps = torch.zeros(6, 1)
+    maps[2, 0], maps[3, 0] = 1.0, 0.5  # cells (0, 2) and (1, 0)
+    wide = cmasks.mask_from_attention(maps, [0], (2, 3), (4, 6), threshold=0.5)
+    expected = torch.zeros(4, 6)
+    expected[0:2, 4:6], expected[2:4, 0:2] = 1, 1
+    assert torch.equal(wide[0, 0], expected)
 
 
 # ------------------------------------------------------------------------------------------------ controller

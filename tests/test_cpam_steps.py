@@ -303,3 +303,19 @@ def test_768px_sd15_shaped_grids_without_the_unet():
     maps = torch.rand(576, 77, generator=g)
     refined = cmasks.mask_from_attention(maps, [5], (24, 24), (96, 96))
     assert refined.shape == (1, 1, 96, 96) and bool(refined.any())
+
+
+def test_null_prompt_ddim_round_trip_is_exact_with_constant_epsilon(tiny):
+    """The new method is plain DDIM inversion (Eq. 12) with the null text as prompt: with a constant eps_theta the
+    reconstruction returns the input and the trajectory is x_t = x_0 + sigma_t * eps."""
+    import tiny_models
+
+    eps = torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(3))
+    model = tiny_models.constant_eps_model(tiny.model, eps)
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))}
+    inv, _, sigmas, recon, _, _ = call_node("AttnEditInvert", model=model, clip=tiny.clip, source_prompt="",
+                                            method="ddim_null_prompt", steps=10, cfg=7.5, latent=latent)
+    assert torch.allclose(recon["samples"], latent["samples"], atol=1e-4, rtol=0)
+    x0 = latent["samples"][0] * tiny.model.model.latent_format.scale_factor
+    for i in (0, 5, 10):
+        assert torch.allclose(inv.latents[i, 0], x0 + float(sigmas[i]) * eps[0], atol=1e-4)
