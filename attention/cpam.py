@@ -388,8 +388,8 @@ class CPAMController(Controller):
 @dataclass(frozen=True, eq=False)
 class CPAMMaskRefine(StepHook):
     """Mask refinement (Sec. 3.4): after each step from T_m - 1 on, M_t = the object tokens' aggregated
-    cross-attention in the target row (normalised, thresholded), for the next steps. An empty result keeps the
-    previous M_t."""
+    cross-attention in the target row (normalised, thresholded), for the next steps, so step T_m is the first to use
+    it. `start` is T_m of this run (`run_step`). An empty result keeps the previous M_t."""
 
     tokens: tuple[int, ...]
     start: int

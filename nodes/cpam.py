@@ -31,8 +31,9 @@ class AttnEditCPAMSelfAttn:
         "CPAM (Vo et al., Context-Preserving Adaptive Manipulation) for real images: patches a copy of the MODEL so "
         "that, in Attention Edit Sampler, the edited branch takes background (and, when kept, object) content from "
         "the inversion through masked self-attention, while only the masked region listens to the target prompt "
-        "(the rest attends the null text). Connect an Invert Image made with null_text (the paper's setting), a mask "
-        "of the object and a target prompt; pick a strategy.")
+        "(the rest attends the null text). Connect an Invert Image made with ddim_null_prompt (the paper's setting: "
+        "DDIM guided by the null text, no source prompt), a mask of the object and a target prompt; pick a "
+        "strategy. The sampler pins its source branch to the inversion latents while this patch is on the model.")
     CATEGORY = CAT_TECHNIQUES
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL", "CONDITIONING")
@@ -46,8 +47,9 @@ class AttnEditCPAMSelfAttn:
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to patch (a copy is patched); the checkpoint that made the "
                                                "inversion."}),
-                "inversion": (INVERSION, {"tooltip": "From Invert Image (null_text as in the paper). Its latents are "
-                                                     "the intermediate latents z_i whose keys/values are kept."}),
+                "inversion": (INVERSION, {"tooltip": "From Invert Image (ddim_null_prompt as in the paper). Its "
+                                                     "latents are the intermediate latents z_i whose keys/values are "
+                                                     "kept."}),
                 "clip": ("CLIP", {"tooltip": "Text encoder of the same checkpoint."}),
                 "source_mask": ("MASK", {"tooltip": "The object (white = object), any size; one mask, or one per "
                                                     "image. For 'change background' the object to keep."}),
