@@ -177,8 +177,8 @@ def _start_layer(value: int, sites: list[tuple[str, int, int]], count: int, spec
     if value < 0:
         return cpam.paper_start_layer(sites)
     if spec.retain_object and value >= count:
-        log.warning("%s: start_layer %d is past the model's last transformer block (%d blocks, 0-%d); the object's "
-                    "look is never kept. Use -1 for the paper's position.", NODE, value, count, count - 1)
+        warn(NODE, f"start_layer {value} is past the model's last transformer block ({count} blocks, 0-{count - 1}); "
+                   "the object's look is never kept. Use -1 for the paper's position.")
     return value
 
 
