@@ -4,9 +4,13 @@ controller / step hook that apply them inside the edit sampler.
 
 Notation (paper -> code): Q, K, V the target row's query/key/value at one self-attention layer; K_i, V_i those of the
 intermediate (inversion) latent z_i at the same step = the *source* row of the same chunk of the same UNet call (the
-edit sampler regenerates the inversion trajectory in that row); M_s the source mask (the object), M_t the target
-mask; S (paper "T" = 3) the first step and L (= 8) the first layer of object preservation; P_t the target prompt,
-Null the null text (the step's unconditional context ∅_t).
+edit sampler pins that row to the inversion latents z_i while a CPAM patch is on the model, `PINS_SOURCE`); M_s the
+source mask (the object), M_t the target mask; S (paper "T" = 3) the first step and L (= 8) the first layer of object
+preservation; T_m the step from which M_t replaces M_s; P_t the target prompt, Null the null text (the step's
+unconditional context ∅_t).
+
+Steps: S and T_m are given on the paper's 50-step schedule and moved to the run's step count by `run_step` (same
+fraction of the run).
 
 Layers: the paper's layer l is the index of the transformer block (SpatialTransformer) in the UNet's forward order,
 as in MasaCtrl and the author's code: SD1.x/SD2.x input 1, 2, 4, 5, 7, 8 -> 0-5, middle -> 6, output 3-11 -> 7-15, so
@@ -30,9 +34,10 @@ from .core import apply_probs, attention_probs, masked_attention
 from .layers import SEMANTIC_LEVEL
 from .run import COND, SOURCE, TARGET, UNCOND, AttnCall, Controller
 
-START_STEP = 3  # Eq. 2: object preservation after step T = 3 (paper Sec. 3.3)
+START_STEP = 3  # Eq. 2: object preservation after step T = 3 (paper Sec. 3.3), on the paper's 50-step schedule
 START_LAYER = 8  # Eq. 2: ... and layer L = 8 (paper Sec. 3.3)
 FREE_LAYER_RATIO = 0.1  # Sec. 3.3: "randomly apply normal self-attention in 10% of the layers"
+PAPER_STEPS = 50  # Sec. 4.1: 50 DDIM steps; S and T_m are given on this schedule and moved to the run's (run_step)
 SCRATCH = "cpam"  # RunState.scratch key prefix of this technique
 REFINED_MASK = (SCRATCH, "target_mask")
 
@@ -70,6 +75,23 @@ STRATEGIES = {s.name: s for s in (
 )}
 
 
+# ------------------------------------------------------------------------------------------------ steps
+def run_step(value: int, steps: int, paper_steps: int = PAPER_STEPS) -> int:
+    """A step index given on the paper's 50-step schedule (S of Eq. 2, T_m of Sec. 3.4), moved to a run of `steps`.
+
+    The stage keeps the same fraction of the run: round(value * steps / 50), halves up. A value that acts at 50 steps
+    (value < 50) stays inside the run (at most steps - 1, so it still acts on the last step); a value >= 50 never
+    acts at 50 steps and returns `steps` (never, at any step count: the node warns). 0-based with the gate
+    "step >= run_step(...)". Examples: S = 3 -> 1 at 10 and 20 steps, 3 at 50, 6 at 100; T_m = 5 -> 1, 2, 5, 10.
+
+    Differences: the paper gives S and T_m for 50 steps only (Sec. 4.1); keeping their fraction of the run is the
+    pack's choice (P2P's windows are fractions too).
+    """
+    if value >= paper_steps:
+        return steps
+    return min((2 * value * steps + paper_steps) // (2 * paper_steps), steps - 1) if value > 0 else 0
+
+
 # ------------------------------------------------------------------------------------------------ layers
 def layer_numbering(blocks: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
     """Layer index l of every transformer block (block, index), in forward order (duplicates = deeper transformers
@@ -94,16 +116,27 @@ def paper_start_layer(sites: list[tuple[str, int, int]]) -> int:
     return numbering[decoder[1]] if len(decoder) >= 2 else START_LAYER
 
 
+def attention_layers(sites: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], int]:
+    """Column of every self-attention layer (block, index, depth) in the free-layer table, in forward order.
+
+    Unlike `layer_numbering` (the paper's l, one per transformer block), every transformer depth is its own layer
+    here: SD1.x/SD2.x have 16 (one per block, so both numberings agree), SDXL 70 (2 or 10 per block)."""
+    return {key: n for n, key in enumerate(dict.fromkeys(sites))}
+
+
 def free_layer_count(layers: int, ratio: float = FREE_LAYER_RATIO) -> int:
-    """How many layers run normal self-attention per step: round(ratio * layers), half up (16 layers -> 2)."""
+    """How many attention layers run normal self-attention per step: the whole count nearest to ratio * layers
+    (halves up). Not exactly 10% where the layer count is no multiple of 10: SD1.x/SD2.x 16 layers -> 2 (12.5%),
+    SDXL 70 -> 7 (10%)."""
     return min(layers, int(math.floor(ratio * layers + 0.5)))
 
 
 def free_layer_table(seed: int, steps: int, layers: int, ratio: float = FREE_LAYER_RATIO) -> torch.Tensor:
     """Which layers use normal self-attention at each step (Sec. 3.3, "randomly ... in 10% of the layers").
 
-    Returns bool [S, layers] with exactly `free_layer_count` True entries per step, drawn without replacement by a
-    CPU generator seeded with `seed`: the same seed always gives the same table, on every device.
+    layers: the number of self-attention layers (`attention_layers`). Returns bool [S, layers] with exactly
+    `free_layer_count` True entries per step, drawn without replacement by a CPU generator seeded with `seed`: the
+    same seed always gives the same table, on every device.
 
     Differences: the paper does not say whether the random layers are drawn once or per step; a fresh draw every
     step lets every layer exchange information between regions at some steps.
@@ -223,10 +256,12 @@ class CPAMController(Controller):
     """Preservation adaptation (self-attention) + localized extraction (cross-attention) on the target rows.
 
     source_masks [B, h, w]: M_s per image at latent resolution (float coverage; already inverted for a background
-    change); target_masks [B, h, w]: the static M_t (cloned, expanded or empty). layers: layer index of each
-    (block, index). free_layers [S, layers]: the seeded 10% table. null_context [1, T, E]: the inversion's negative
-    prompt, used as Null when the step has no ∅_t. region_context [1, T, E] or None: the background prompt of the
-    regional strategy.
+    change); target_masks [B, h, w]: the static M_t (cloned, expanded or empty). layers: the paper's layer index l
+    of each (block, index) (Eq. 2's gate). free_layers [S, A]: the seeded 10% table over the A self-attention layers
+    numbered by `attention_layers` (block, index, depth) -> column (None: the column is l, as on SD1.x). start_step
+    and refine_step are steps of this run (moved from the paper's 50-step schedule by `run_step`). null_context
+    [1, T, E]: the inversion's negative prompt, used as Null when the step has no ∅_t. region_context [1, T, E] or
+    None: the background prompt of the regional strategy.
     """
 
     strategy: Strategy
@@ -244,8 +279,10 @@ class CPAMController(Controller):
     target_text: str | None = None
     target_tokens: object = None
     target_conditioning: list | None = field(default=None, repr=False)
+    attention_layers: dict | None = None
 
     EDITS_OUTPUT = True
+    PINS_SOURCE = True  # Alg. 1 l.3: K_i, V_i come from the inversion latent z_i itself, not a regenerated one
 
     # ------------------------------------------------------------------ which calls
     @property
@@ -319,8 +356,10 @@ class CPAMController(Controller):
             return out
         layer = self.layers[(call.site.block, call.site.index)]
         s = self.strategy
-        free = call.run.memo((self, "free", step, layer),
-                             lambda: bool(self.free_layers[min(step, self.free_layers.shape[0] - 1), layer]))
+        column = layer if self.attention_layers is None else self.attention_layers[
+            (call.site.block, call.site.index, call.site.depth)]
+        free = call.run.memo((self, "free", step, column),
+                             lambda: bool(self.free_layers[min(step, self.free_layers.shape[0] - 1), column]))
         retained = s.retain_object and step >= self.start_step and layer >= self.start_layer
         m_t, m_s = self.target_mask(call, step), self.source_mask(call)
         # The groups depend only on these (run-memoised, hence run-lived) grid masks and the flags: built once per run,
@@ -349,8 +388,8 @@ class CPAMController(Controller):
 @dataclass(frozen=True, eq=False)
 class CPAMMaskRefine(StepHook):
     """Mask refinement (Sec. 3.4): after each step from T_m - 1 on, M_t = the object tokens' aggregated
-    cross-attention in the target row (normalised, thresholded), for the next steps. An empty result keeps the
-    previous M_t."""
+    cross-attention in the target row (normalised, thresholded), for the next steps, so step T_m is the first to use
+    it. `start` is T_m of this run (`run_step`). An empty result keeps the previous M_t."""
 
     tokens: tuple[int, ...]
     start: int

@@ -252,6 +252,9 @@ class Controller:
     # edited attention without forcing materialised probabilities on every call. Its `edit_output` still decides the
     # output.
     EDITS_PROBS_IF_COMPUTED = False
+    # A controller whose maths reads the inversion's own latents in the source rows (CPAM's K_i, V_i of z_i) sets this:
+    # the edit sampler then pins the source rows to the inversion latents whatever its `source_branch` says.
+    PINS_SOURCE = False
     # Controllers that define the edit's target prompt expose it so the edit sampler can use and check it.
     source_text: str | None = None
     target_text: str | None = None

@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
-METHODS = ("ddim", "null_text", "direct", "negative_prompt")
+METHODS = ("ddim", "null_text", "direct", "negative_prompt", "ddim_null_prompt")
+# DDIM inversion guided by the null text alone (no source prompt; CPAM Sec. 4.1 and its author's code): the inversion and
+# the edit's source rows hear the negative prompt (empty = the null text) in both CFG halves.
+NULL_PROMPT_DDIM = "ddim_null_prompt"
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,7 +13,7 @@ from ..inversion import comfy_model
 from ..inversion.conditioning import context_of
 from ..masks import cpam as cpam_masks
 from ..masks.ops import as_mask_batch, aspect_mismatch, mask_to_grid
-from .common import AttnEditError, bind_inversion, check_inversion_model, check_text_encoder, wrap_errors
+from .common import AttnEditError, bind_inversion, check_inversion_model, check_text_encoder, warn, wrap_errors
 from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -31,8 +31,9 @@ class AttnEditCPAMSelfAttn:
         "CPAM (Vo et al., Context-Preserving Adaptive Manipulation) for real images: patches a copy of the MODEL so "
         "that, in Attention Edit Sampler, the edited branch takes background (and, when kept, object) content from "
         "the inversion through masked self-attention, while only the masked region listens to the target prompt "
-        "(the rest attends the null text). Connect an Invert Image made with null_text (the paper's setting), a mask "
-        "of the object and a target prompt; pick a strategy.")
+        "(the rest attends the null text). Connect an Invert Image made with ddim_null_prompt (the paper's setting: "
+        "DDIM guided by the null text, no source prompt), a mask of the object and a target prompt; pick a "
+        "strategy. The sampler pins its source branch to the inversion latents while this patch is on the model.")
     CATEGORY = CAT_TECHNIQUES
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL", "CONDITIONING")
@@ -46,8 +47,9 @@ class AttnEditCPAMSelfAttn:
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to patch (a copy is patched); the checkpoint that made the "
                                                "inversion."}),
-                "inversion": (INVERSION, {"tooltip": "From Invert Image (null_text as in the paper). Its latents are "
-                                                     "the intermediate latents z_i whose keys/values are kept."}),
+                "inversion": (INVERSION, {"tooltip": "From Invert Image (ddim_null_prompt as in the paper). Its "
+                                                     "latents are the intermediate latents z_i whose keys/values are "
+                                                     "kept."}),
                 "clip": ("CLIP", {"tooltip": "Text encoder of the same checkpoint."}),
                 "source_mask": ("MASK", {"tooltip": "The object (white = object), any size; one mask, or one per "
                                                     "image. For 'change background' the object to keep."}),
@@ -66,8 +68,10 @@ class AttnEditCPAMSelfAttn:
                                                             "mask attends instead of the null text."}),
                 "start_step": ("INT", {"default": cpam.START_STEP, "min": 0, "max": 1000,
                                        "tooltip": "S: object keys/values come from the inversion from this step on "
-                                                  "(edit object only; paper 3). Lower = closer to the original "
-                                                  "object, higher = freer pose."}),
+                                                  "(edit object only; paper 3), counted on the paper's 50 steps: "
+                                                  "other step counts use the same fraction of the run (3 -> step 1 "
+                                                  "at 10 or 20 steps); 50 or more = never. Lower = closer to the "
+                                                  "original object, higher = freer pose."}),
                 "start_layer": ("INT", {"default": AUTO_LAYER, "min": AUTO_LAYER, "max": 100,
                                         "tooltip": "L: ... and from this transformer block on, in forward order "
                                                    "(SD1.x/SD2.x 0-15, SDXL 0-10). -1 = the paper's position for "
@@ -75,17 +79,22 @@ class AttnEditCPAMSelfAttn:
                                                    "semantic level (SD1.5/SD2: 8 as in the paper, SDXL: 6). Lower "
                                                    "= more blocks keep the object's look."}),
                 "refine_step": ("INT", {"default": cpam_masks.REFINE_START_STEP, "min": 0, "max": 1000,
-                                        "tooltip": "T_m: the first steps use source_mask itself; afterwards the "
-                                                   "target mask (expanded clone or refined from object_words)."}),
+                                        "tooltip": "T_m: the first steps use source_mask itself; from this step on "
+                                                   "the target mask (expanded clone or refined from object_words). "
+                                                   "Counted on the paper's 50 steps: other step counts use the same "
+                                                   "fraction of the run (5 -> step 1 at 10 steps, 2 at 20)."}),
                 "refine_threshold": ("FLOAT", {"default": cpam_masks.REFINE_THRESHOLD, "min": 0.0, "max": 1.0,
                                                "step": 0.01, "tooltip": "Refinement: normalised attention above "
                                                                         "which a pixel belongs to the object."}),
                 "mask_expand": ("FLOAT", {"default": cpam_masks.MASK_EXPAND_SCALE, "min": 0.0, "max": 1.0,
                                           "step": 0.01, "tooltip": "Cloned target mask = source mask dilated by "
-                                                                   "this fraction of its size (0 = exact clone)."}),
+                                                                   "about this fraction of its size, at least one "
+                                                                   "latent cell (8 px) per side (0 = exact clone)."}),
                 "free_layers": ("FLOAT", {"default": cpam.FREE_LAYER_RATIO, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "Fraction of blocks that use normal self-attention at each "
-                                                     "step (picked at random from `seed`) for a coherent result."}),
+                                          "tooltip": "Fraction of the self-attention layers that use normal "
+                                                     "self-attention at each step (picked at random from `seed`) for "
+                                                     "a coherent result; the nearest whole count (0.1: 2 of 16 on "
+                                                     "SD1.5, 7 of 70 on SDXL)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
                                  "tooltip": "Seed of the random choice of free_layers (same seed = same result)."}),
                 "localized_extraction": ("BOOLEAN", {"default": True,
@@ -125,25 +134,43 @@ def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs
         region = context_of(comfy_model.encode_text(clip, knobs["background_prompt"]), "background_prompt")
     sites = hooks.unet_sites(model)
     layers = cpam.layer_numbering([(s.block, s.index) for s in sites])
+    attention = cpam.attention_layers([(s.block, s.index, s.depth) for s in sites])
     start_layer = _start_layer(int(knobs["start_layer"]), [(s.block, s.index, s.level) for s in sites], len(layers),
                                spec)
+    start_step, refine_step = _run_steps(int(knobs["start_step"]), int(knobs["refine_step"]), inversion.steps, spec,
+                                         bool(words))
     device = comfy_model.intermediate_device()
     controller = cpam.CPAMController(
         strategy=spec, source_masks=source.to(device), target_masks=target_static.to(device), layers=layers,
-        free_layers=cpam.free_layer_table(knobs["seed"], inversion.steps, len(layers), knobs["free_layers"]),
+        free_layers=cpam.free_layer_table(knobs["seed"], inversion.steps, len(attention), knobs["free_layers"]),
         null_context=context_of(inversion.negative, "inversion negative prompt").to(device),
-        region_context=None if region is None else region.to(device), start_step=int(knobs["start_step"]),
-        start_layer=start_layer, refine_step=int(knobs["refine_step"]),
+        region_context=None if region is None else region.to(device), start_step=start_step,
+        start_layer=start_layer, refine_step=refine_step,
         localized=bool(knobs["localized_extraction"]), source_text=inversion.source_prompt,
         target_text=target_prompt, target_tokens=target_tokens,
-        target_conditioning=comfy_model.encode_text(clip, target_prompt))
+        target_conditioning=comfy_model.encode_text(clip, target_prompt), attention_layers=attention)
     patched = hooks.add_controller(model, controller)
     if controller.extra_name is not None:
         patched = hooks.add_context_patch(patched, controller)
     if words:
-        patched = hooks.add_step_hook(patched, cpam.CPAMMaskRefine(words, int(knobs["refine_step"]),
+        patched = hooks.add_step_hook(patched, cpam.CPAMMaskRefine(words, refine_step,
                                                                    float(knobs["refine_threshold"])))
     return (bind_inversion(NODE, patched, inversion), controller.target_conditioning)
+
+
+def _run_steps(start_step: int, refine_step: int, steps: int, spec: cpam.Strategy, refined: bool) -> tuple[int, int]:
+    """S and T_m of this run: the node's values are on the paper's 50-step schedule (attention/cpam.py run_step);
+    a value that can never act (>= 50) is warned about where the strategy uses it."""
+    paper = cpam.PAPER_STEPS
+    if spec.retain_object and start_step >= paper:
+        warn(NODE, f"`start_step` {start_step} is past the last of the paper's {paper} steps, so the object's "
+                   f"keys/values are never kept (Eq. 2) at any step count; use a value below {paper} (the paper: 3).")
+    if spec.target_mask == "expand" and refine_step >= paper:
+        what = "the refined mask of `object_words`" if refined else "the expanded target mask"
+        warn(NODE, f"`refine_step` {refine_step} is past the last of the paper's {paper} steps, so {what} never "
+                   f"replaces source_mask (Sec. 3.4); use a value below {paper} (default "
+                   f"{cpam_masks.REFINE_START_STEP}).")
+    return cpam.run_step(start_step, steps), cpam.run_step(refine_step, steps)
 
 
 def _start_layer(value: int, sites: list[tuple[str, int, int]], count: int, spec: cpam.Strategy) -> int:
@@ -151,8 +178,8 @@ def _start_layer(value: int, sites: list[tuple[str, int, int]], count: int, spec
     if value < 0:
         return cpam.paper_start_layer(sites)
     if spec.retain_object and value >= count:
-        log.warning("%s: start_layer %d is past the model's last transformer block (%d blocks, 0-%d); the object's "
-                    "look is never kept. Use -1 for the paper's position.", NODE, value, count, count - 1)
+        warn(NODE, f"start_layer {value} is past the model's last transformer block ({count} blocks, 0-{count - 1}); "
+                   "the object's look is never kept. Use -1 for the paper's position.")
     return value
 
 

@@ -13,8 +13,8 @@ from ..attention.tokens import tokenize_prompt
 from ..inversion import comfy_model, engine, null_text
 from ..inversion.quality import psnr
 from ..inversion.schedule import ddim_sigmas
-from ..inversion.trajectory import METHODS, InversionTrajectory
-from .common import AttnEditError, check_image_size, check_text_encoder, crop_to_multiple, wrap_errors
+from ..inversion.trajectory import METHODS, NULL_PROMPT_DDIM, InversionTrajectory
+from .common import AttnEditError, check_image_size, check_text_encoder, crop_to_multiple, warn, wrap_errors
 from .types import ATTN_STORE, CAT_INVERSION, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -27,7 +27,8 @@ class AttnEditInvert:
         "attention control (connect the inversion to Attention Edit Sampler). Methods: null_text (Mokady et al. "
         "2023, best reconstruction at high CFG, slowest), ddim (plain DDIM inversion, fast, drifts at CFG > 1), "
         "direct (PnP/direct inversion, exact source branch, fast), negative_prompt (source prompt as negative, "
-        "fast). The reconstruction PSNR tells how faithfully the source branch regenerates the input "
+        "fast), ddim_null_prompt (DDIM guided by the null text only, no source prompt: CPAM's setting). The "
+        "reconstruction PSNR tells how faithfully the source branch regenerates the input "
         "(above ~25 dB is good for SD1.5). Cached by ComfyUI: changing only the edit never re-inverts.")
     CATEGORY = CAT_INVERSION
     FUNCTION = "invert"
@@ -55,7 +56,10 @@ class AttnEditInvert:
                                            "tooltip": "null_text: best fidelity, ~10 optimisation iterations per "
                                                       "step. ddim: fastest, reconstruction drifts at CFG > 1. direct: "
                                                       "exact source branch via per-step offsets. negative_prompt: "
-                                                      "source prompt used as negative, no optimisation."}),
+                                                      "source prompt used as negative, no optimisation. "
+                                                      "ddim_null_prompt: DDIM inversion and source branch hear only "
+                                                      "the null text (negative_prompt, empty = the papers' null "
+                                                      "text), source_prompt unused: CPAM's setting, no CFG drift."}),
                 "steps": ("INT", {"default": 50, "min": 2, "max": 500,
                                   "tooltip": "DDIM steps of inversion and editing (50 in the papers)."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
@@ -87,6 +91,7 @@ class AttnEditInvert:
         comfy_model.require_family(model, NODE)
         if method not in METHODS:
             raise AttnEditError(NODE, f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}")
+        source_prompt = _source_prompt(method, source_prompt, negative_prompt)
         source = comfy_model.encode_text(clip, source_prompt)
         check_text_encoder(NODE, model, source, "`clip`")
         negative = comfy_model.encode_text(clip, negative_prompt)
@@ -104,6 +109,18 @@ class AttnEditInvert:
                                       progress=progress.update) for i in range(samples.shape[0])]
         return _package(model, vae, clip, images, reference, sigmas, method, cfg, source, negative, source_prompt,
                         negative_prompt)
+
+
+def _source_prompt(method: str, source_prompt: str, negative_prompt: str) -> str:
+    """The prompt the inversion and the source branch hear: `source_prompt`, or the null text itself for
+    ddim_null_prompt (DDIM guided by the null text with no source prompt, CPAM Sec. 4.1)."""
+    if method != NULL_PROMPT_DDIM:
+        return source_prompt
+    if source_prompt.strip() and source_prompt.strip() != negative_prompt.strip():
+        warn(NODE, f"`source_prompt` {source_prompt!r} is not used by method {NULL_PROMPT_DDIM!r}: the inversion and "
+                   "the source branch hear only the null text (`negative_prompt`). Clear source_prompt, or pick "
+                   "another method to invert with it.")
+    return negative_prompt
 
 
 def _input_latent(model, image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None]:

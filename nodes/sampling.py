@@ -46,7 +46,9 @@ class AttnEditEditSampler:
                                                         "tooltip": "reconstruct: the source branch regenerates the "
                                                                    "image as the papers do. pin to inversion: force "
                                                                    "it onto the inversion latents every step (exact "
-                                                                   "source, any method)."}),
+                                                                   "source, any method). A CPAM patch on the model "
+                                                                   "always pins (its keys/values come from the "
+                                                                   "inversion latents)."}),
             },
         }
 
@@ -55,10 +57,10 @@ class AttnEditEditSampler:
 
     def _sample(self, model, inversion, target, source_branch):
         comfy_model.require_family(model, SAMPLER)
-        check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model),
-                              source_pinned=source_branch == SOURCE_BRANCH[1])
-        check_bound_inversions(SAMPLER, model, inversion)
         controllers = hooks.controllers_of(model)
+        pin = _pin_source(controllers, source_branch)
+        check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model), source_pinned=pin)
+        check_bound_inversions(SAMPLER, model, inversion)
         step_hooks = hooks.step_hooks_of(model)
         if target is not None:
             check_text_encoder(SAMPLER, model, target, "`target`")
@@ -75,7 +77,7 @@ class AttnEditEditSampler:
         for i in range(inversion.batch):
             final, captured, _state = engine.edit_image(
                 model, inversion, i, target, step_hooks, capture=CaptureSpec(),
-                pin_source=source_branch == SOURCE_BRANCH[1], grad=grad, progress=progress.update)
+                pin_source=pin, grad=grad, progress=progress.update)
             finals.append(final)
             stores.append(store_from_run(captured, (inversion.source_tokens, target_tokens), inversion.latent_hw,
                                          comfy_model.intermediate_device()))
@@ -84,6 +86,19 @@ class AttnEditEditSampler:
         return ({"samples": comfy_model.latent_to_raw(model, edited).to(comfy_model.intermediate_device())},
                 {"samples": comfy_model.latent_to_raw(model, source).to(comfy_model.intermediate_device())},
                 merge_stores(stores))
+
+
+def _pin_source(controllers, source_branch: str) -> bool:
+    """Whether the source rows are pinned to the inversion latents: `source_branch`, or forced (with a warning) by a
+    controller that reads the inversion's own latents there (CPAM, Alg. 1 l.3)."""
+    pin = source_branch == SOURCE_BRANCH[1]
+    pinning = sorted({type(c).__name__ for c in controllers if c.PINS_SOURCE})
+    if pinning and not pin:
+        warn(SAMPLER, f"`source_branch` {source_branch!r} cannot take effect with {', '.join(pinning)} on the model: "
+                      "its source keys/values must come from the inversion latents z_i themselves (CPAM Alg. 1 l.3), "
+                      f"so the source branch is pinned to the inversion. Set `source_branch` to {SOURCE_BRANCH[1]!r} "
+                      "to silence this.")
+    return pin or bool(pinning)
 
 
 def _resolve_target(controllers, inversion, target):

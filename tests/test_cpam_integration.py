@@ -91,9 +91,10 @@ def pairs(call):
 def test_all_background_mask_with_the_source_prompt_reproduces_the_source(tiny, inversion):
     # 'change background' with a mask that keeps nothing: the whole picture is the (new) background, which is
     # generated from the source prompt, so the target branch must regenerate the source reconstruction.
-    model, _ = patch(tiny, inversion, "change background", mask=torch.zeros(1, 128, 128))
-    edited, source, _ = edit(model, inversion)
-    assert float((edited["samples"] - source["samples"]).abs().max()) <= 1e-5
+    model, target = patch(tiny, inversion, "change background", mask=torch.zeros(1, 128, 128))
+    edited, source, _ = edit(model, inversion, source_branch="pin to inversion")
+    regenerated = edit(tiny.model, inversion, target=target)[0]  # plain sampling of the source prompt, no hook
+    assert float((edited["samples"] - regenerated["samples"]).abs().max()) <= 1e-5
     # the same mask read as the object to edit (nothing) is an input error, not a silent no-op
     with pytest.raises(ValueError, match="`source_mask` is empty for image 0"):
         patch(tiny, inversion, "replace object", mask=torch.zeros(1, 128, 128))
@@ -101,8 +102,8 @@ def test_all_background_mask_with_the_source_prompt_reproduces_the_source(tiny, 
 
 def test_source_branch_is_untouched_and_the_edit_acts(tiny, inversion):
     model, target = patch(tiny, inversion, "replace object", target="a photo of a dog on a sofa")
-    edited, source, _ = edit(model, inversion)
-    plain_edit, plain_source, _ = edit(tiny.model, inversion, target=target)
+    edited, source, _ = edit(model, inversion, source_branch="pin to inversion")
+    plain_edit, plain_source, _ = edit(tiny.model, inversion, target=target, source_branch="pin to inversion")
     assert torch.allclose(source["samples"], plain_source["samples"], atol=1e-5)
     assert float((edited["samples"] - plain_edit["samples"]).abs().max()) > 1e-3
 
@@ -142,14 +143,16 @@ def test_a_foreign_cross_attention_patch_after_cpam_never_sees_the_null_tokens(t
 def test_self_attention_follows_eq_1_to_3_on_every_recorded_call(tiny, inversion):
     mask = box_mask()
     model, _ = patch(tiny, inversion, "edit object (keep identity)", mask=mask, target="a photo of a cat jumping",
-                     start_step=2, start_layer=8, mask_expand=0.0, free_layers=0.2, seed=5)
+                     start_step=25, start_layer=8, mask_expand=0.0, free_layers=0.2, seed=5)  # S: 25 of 50 -> 2 of 4
     ctrl = hooks.controllers_of(model)[-1]
+    assert ctrl.start_step == 2
     calls, _, _ = spied_run(model, inversion)
     checked = {"free": 0, "retained": 0, "plain": 0}
     for call in (c for c in calls if c["kind"] == "self"):
         step, layer = call["step"], ctrl.layers[(call["site"].block, call["site"].index)]
         m_s = grid_mask(mask, call["grid"])  # M_t = M_s here (no expansion, no refinement)
-        free = bool(ctrl.free_layers[step, layer])
+        free = bool(ctrl.free_layers[step, ctrl.attention_layers[(call["site"].block, call["site"].index,
+                                                                   call["site"].depth)]])
         retained = step >= 2 and layer >= 8
         for src, tgt in pairs(call):
             q, k, v = (call[n][tgt:tgt + 1] for n in "qkv")
@@ -190,7 +193,7 @@ def test_cross_attention_outside_the_target_mask_is_the_null_prompt_output(tiny,
 
 def test_mask_refinement_follows_the_object_words(tiny, inversion):
     model, _ = patch(tiny, inversion, "edit object (keep identity)", target="a photo of a cat jumping",
-                     object_words="cat", refine_step=1, refine_threshold=0.25)
+                     object_words="cat", refine_step=10, refine_threshold=0.25)  # T_m: 10 of 50 -> 1 of 4
     calls, _, state = spied_run(model, inversion)
     refined = state["cpam_target_mask"]
     assert refined.shape == (1, 1, 16, 16) and set(refined.unique().tolist()) <= {0.0, 1.0} and refined.any()

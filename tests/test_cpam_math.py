@@ -125,11 +125,34 @@ def test_layer_numbering_matches_the_papers_sd15_order(tiny):
 def test_expand_mask_hand_computed():
     m = torch.zeros(1, 1, 16, 16)
     m[0, 0, 6:10, 6:10] = 1  # area 16 -> sqrt 4
-    assert torch.equal(cmasks.expand_mask(m, 0.1), m)  # side floor(0.4) = 0: clone
-    grown = cmasks.expand_mask(m, 1.0)  # side 4 -> odd kernel 3: one cell on every side
+    grown = cmasks.expand_mask(m, 0.1)  # side floor(0.4) = 0, but a non-empty mask grows by at least one cell
     assert grown.sum() == 36 and bool(grown[0, 0, 5:11, 5:11].eq(1).all())
-    soft = m * 0.4  # coverage below one half is outside
+    wide = cmasks.expand_mask(m, 1.0)  # side 4 -> rounded up to the odd 5: two cells on every side
+    assert wide.sum() == 64 and bool(wide[0, 0, 4:12, 4:12].eq(1).all())
+    assert torch.equal(cmasks.expand_mask(m, 0.0), m)  # scale 0: exact clone
+    soft = m * 0.4  # coverage below one half is outside: an empty mask stays empty
     assert cmasks.expand_mask(soft, 1.0).sum() == 0
+    assert torch.equal(cmasks.expand_mask(m * 0.5, 0.0), m)  # exactly half covered is inside (>= 0.5)
+    # the side: floor(sqrt(area) * scale) rounded up to odd, at least 3 when scale > 0 (boundaries of each rule)
+    assert [cmasks.dilation_side(a, 0.1) for a in (1, 399, 400, 899, 900, 1599, 1600, 2500, 3600)] == \
+        [3, 3, 3, 3, 3, 3, 5, 5, 7]
+    assert cmasks.dilation_side(0, 0.1) == 1 and cmasks.dilation_side(100, 0.0) == 1
+
+
+def test_expand_mask_grows_the_shipped_workflows_cat_box():
+    """The box of tools/workflow_defs/cpam.py on the 512 px picture (21 x 35 latent cells, 18% of the image):
+    floor(sqrt(735) * 0.1) = 2, so the old odd-rounded-down kernel (side 1) did not grow it at all."""
+    from workflow_defs.cpam import CAT_BOX as box  # tools/ is on sys.path (conftest)
+
+    mask = torch.zeros(1, 512, 512)
+    mask[:, box["y"]:box["y"] + box["height"], box["x"]:box["x"] + box["width"]] = 1.0
+    cells = pkg("masks.ops").mask_to_grid(mask, (64, 64))
+    assert cells.sum() == 21 * 35
+    grown = cmasks.expand_mask(cells, cmasks.MASK_EXPAND_SCALE)
+    assert grown.sum() == 23 * 37  # one cell on every side
+    top, left = box["y"] // 8, box["x"] // 8
+    assert bool(grown[0, 0, top - 1:top + 36, left - 1:left + 22].eq(1).all())
+    assert grown[0, 0, top - 2].sum() == 0 and grown[0, 0, :, left - 2].sum() == 0
 
 
 def test_mask_from_attention_hand_computed():
@@ -141,6 +164,18 @@ def test_mask_from_attention_hand_computed():
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.float32)
     assert torch.equal(mask[0, 0], expected)
     assert cmasks.mask_from_attention(torch.ones(4, 10), [3], (2, 2), (4, 4)).sum() == 0  # flat map: empty
+    # the threshold itself is inside (>=): normalised 0.25 exactly, just below it outside
+    maps = torch.zeros(4, 2)
+    maps[:, 1] = torch.tensor([0.0, 4.0, 1.0, 0.96])  # min-max: 0, 1, 0.25, 0.24
+    edge = cmasks.mask_from_attention(maps, [1], (2, 2), (2, 2), threshold=0.25)
+    assert edge.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+    # a non-square grid (2 x 3) is read row-major and resized to a non-square latent (4 x 6)
+    maps = torch.zeros(6, 1)
+    maps[2, 0], maps[3, 0] = 1.0, 0.5  # cells (0, 2) and (1, 0)
+    wide = cmasks.mask_from_attention(maps, [0], (2, 3), (4, 6), threshold=0.5)
+    expected = torch.zeros(4, 6)
+    expected[0:2, 4:6], expected[2:4, 0:2] = 1, 1
+    assert torch.equal(wide[0, 0], expected)
 
 
 # ------------------------------------------------------------------------------------------------ controller
@@ -262,3 +297,28 @@ def test_controller_reads_its_masks_back_once_per_run_not_per_layer_call():
     assert all(torch.equal(a, out) for a in again) and torch.equal(fresh, out)
     first.run.clear()
     assert not first.run._memo
+
+
+def test_free_layers_count_every_attention_layer_of_a_block():
+    """Sec. 3.3's "10% of the layers" counts attention layers: SDXL's 70 (2 or 10 transformer depths per block) give
+    7 free layers per step, not 1 of its 11 blocks; each depth looks up its own column of the table."""
+    sdxl = ([("input", i, d) for i in (4, 5) for d in range(2)] + [("input", i, d) for i in (7, 8) for d in range(10)]
+            + [("middle", 0, d) for d in range(10)] + [("output", i, d) for i in (0, 1, 2) for d in range(10)]
+            + [("output", i, d) for i in (3, 4, 5) for d in range(2)])
+    columns = cpam.attention_layers(sdxl)
+    assert len(columns) == 70 and list(columns.values()) == list(range(70))
+    assert cpam.free_layer_count(len(columns)) == 7 and cpam.free_layer_count(16) == 2  # nearest to 7.0 and 1.6
+    assert cpam.free_layer_count(15) == 2 and cpam.free_layer_count(14) == 1  # 1.5 rounds up, 1.4 down
+    assert bool((cpam.free_layer_table(3, 4, 70).sum(1) == 7).all())
+    q, k, v, _, _ = random_qkv()
+    mask = torch.zeros(1, 4, 4)
+    mask[0, :2] = 1
+    free = torch.zeros(4, 2, dtype=torch.bool)
+    free[2, 1] = True  # at step 2 the second depth of ("output", 4) is free, the first is not
+    ctrl = controller("edit object (keep identity)", mask, free=free, start_step=2, start_layer=8,
+                      attention_layers={("output", 4, 0): 0, ("output", 4, 1): 1, ("input", 1, 0): 0})
+    normal = core.masked_attention(q, k, v, 2)
+    depth0, depth1 = make_call("self", q, k, v, step=2, layout=(0,)), make_call("self", q, k, v, step=2, layout=(0,))
+    depth1.site = layers_mod.AttnSite("output", 4, 1, 1)
+    assert torch.equal(ctrl.edit_output(depth1, normal), normal)  # free: normal self-attention everywhere
+    assert not torch.allclose(ctrl.edit_output(depth0, normal)[1], normal[1])  # same block, not free: adapted

@@ -199,9 +199,11 @@ def cpam(models, inversions, family, strategy, mask=None, target=SRC, **kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cpam_background_change_with_nothing_kept_reproduces_the_source(models, inversions, family):
-    patched, _ = cpam(models, inversions, family, "change background", mask=torch.zeros(1, 128, 128))
-    edited, source, _ = call_node("AttnEditEditSampler", model=patched, inversion=inversions[family]["null_text"])
-    assert float((edited["samples"] - source["samples"]).abs().max()) <= 1e-5
+    patched, target = cpam(models, inversions, family, "change background", mask=torch.zeros(1, 128, 128))
+    inv = inversions[family]["null_text"]
+    edited = call_node("AttnEditEditSampler", model=patched, inversion=inv)[0]  # source pinned under CPAM
+    regenerated = call_node("AttnEditEditSampler", model=models[family][0], inversion=inv, target=target)[0]
+    assert float((edited["samples"] - regenerated["samples"]).abs().max()) <= 1e-5
 
 
 class Spy(pkg("attention.run").Controller):
@@ -260,8 +262,11 @@ def test_cpam_start_layer_follows_the_architecture(models, inversions, tiny):
     expected = {"sdxl": (11, 6), "sd2v": (16, 8)}
     for family, (blocks, start) in expected.items():
         ctrl = hooks.controllers_of(cpam(models, inversions, family, "edit object (keep identity)")[0])[-1]
-        assert len(ctrl.layers) == blocks and ctrl.start_layer == start and ctrl.free_layers.shape == (STEPS, blocks)
+        assert len(ctrl.layers) == blocks and ctrl.start_layer == start
         assert set(ctrl.layers.values()) == set(range(blocks))
+        sites = hooks.unet_sites(models[family][0])  # free layers: one column per attention layer (SDXL: per depth)
+        assert list(ctrl.attention_layers) == [(s.block, s.index, s.depth) for s in sites]
+        assert ctrl.free_layers.shape == (STEPS, len(sites)) and (len(sites) > blocks) == (family == "sdxl")
     sd1 = [(s.block, s.index, s.level) for s in hooks.unet_sites(tiny.model)]
     assert cpam_math.paper_start_layer(sd1) == cpam_math.START_LAYER == 8  # the paper's own value on SD1.5
     fixed = hooks.controllers_of(cpam(models, inversions, "sdxl", "edit object (keep identity)", start_layer=3)[0])

@@ -1,7 +1,7 @@
 """SDXL versions of the foundation and technique workflows (1024 px)."""
 
 from .common import invert, save
-from .cpam import CAT_BOX, CHAIN_NOTE
+from .cpam import CAT_BOX, CHAIN_NOTE, INVERSION_METHOD
 from .mag import mag_chain
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"  # placeholder SDXL name; the runner swaps in what you have
@@ -68,7 +68,7 @@ def sdxl_mag_edit(g):
 
 def sdxl_cpam_object_removal(g):
     ckpt, img = _sdxl_loaders(g)
-    inv = invert(g, ckpt, img, SOURCE, method="null_text", cfg=7.0)
+    inv = invert(g, ckpt, img, "", method=INVERSION_METHOD, cfg=7.0)
     mask = _box_mask(g, x=2 * CAT_BOX["x"], y=2 * CAT_BOX["y"], width=2 * CAT_BOX["width"],
                      height=2 * CAT_BOX["height"], title="object mask (replace with yours)")
     cpam = g.node("AttnEditCPAMSelfAttn", model=ckpt["MODEL"], inversion=inv["inversion"], clip=ckpt["CLIP"],
@@ -86,7 +86,7 @@ def sdxl_cpam_object_removal(g):
            "coarsest attention grid is 32x32 at 1024 px, so very thin masks vanish there: keep a margin of 32 px.\n"
            "- For the other strategies on SDXL: start_layer -1 picks the paper's position for the model (SDXL's 11 "
            "transformer blocks 0-10: 6 = decoder from its second 32x32 block; SD1.5: 8).\n" + CHAIN_NOTE
-           + "\n(SDXL: cfg 7.0; the null-text embeddings of both text encoders are optimised.)")
+           + "\n(SDXL: cfg 7.0; the null text is that of both text encoders.)")
 
 
 WORKFLOWS = {"20_sdxl_nulltext_word_swap": sdxl_nulltext_word_swap,
