@@ -62,7 +62,8 @@ class AttnEditDynamicPromptLearn:
                                                 "(the objects, e.g. \"cat, dog\"). Words of several tokens are "
                                                 "learned as a whole."}),
                 "steps": ("INT", {"default": 50, "min": 2, "max": 500,
-                                  "tooltip": "DDIM steps of inversion and editing (50 in the paper)."}),
+                                  "tooltip": "DDIM steps of inversion and editing (50 in the paper). The "
+                                             "threshold schedule is defined at 50 steps and scales to this count."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
                                   "tooltip": "Guidance scale used when editing; null-text optimises for it."}),
             },
@@ -76,27 +77,29 @@ class AttnEditDynamicPromptLearn:
                                                "tooltip": "Unconditional prompt (the null text). Keep empty for the "
                                                           "paper's setting."}),
                 "token_iterations": ("INT", {"default": dpl.TOKEN_ITERATIONS, "min": 0, "max": 200,
-                                             "tooltip": "Max token updates per step (21 in the paper); each step "
-                                                        "stops earlier once every loss is under its threshold. 0 = "
-                                                        "plain null-text inversion."}),
+                                             "tooltip": "Max token updates per step (21 in the official code, "
+                                                        "DPL.sh); each step stops earlier once every loss is under "
+                                                        "its threshold. 0 = plain null-text inversion."}),
                 "null_text_iterations": ("INT", {"default": dpl.NULL_TEXT_ITERATIONS, "min": 1, "max": 100,
                                                  "tooltip": "Max null-text Adam iterations per step (early stop at "
                                                             "loss < 1e-5 + i*2e-5)."}),
                 "learning_rate": ("FLOAT", {"default": dpl.TOKEN_LR, "min": 1e-5, "max": 1.0, "step": 1e-4,
-                                            "tooltip": "AdamW learning rate of the noun tokens (1e-3 in the paper)."}),
+                                            "tooltip": "AdamW learning rate of the noun tokens (1e-3 in the "
+                                                       "official code: the torch default)."}),
                 "lambda_attention": ("FLOAT", {"default": weights.at, "min": 0.0, "max": 10.0, "step": 0.01,
                                                "tooltip": "Weight of the attention balancing loss (each noun gets a "
-                                                          "strong peak). 1.0 in the paper."}),
+                                                          "strong peak). 1.0 in the official code (DPL.sh)."}),
                 "lambda_disjoint": ("FLOAT", {"default": weights.dj, "min": 0.0, "max": 10.0, "step": 0.01,
                                               "tooltip": "Weight of the disjoint loss (nouns' maps must not "
-                                                         "overlap; needs two nouns). 0.05 in the paper."}),
+                                                         "overlap; needs two nouns). 0.05 in the official code."}),
                 "lambda_background": ("FLOAT", {"default": weights.bg, "min": 0.0, "max": 10.0, "step": 0.01,
                                                 "tooltip": "Weight of the background leakage loss (nouns must not "
-                                                           "attend to the background). 0.05 in the paper."}),
+                                                           "attend to the background). 0.05 in the official code."}),
                 "background_threshold": ("FLOAT", {"default": BACKGROUND_THRESHOLD, "min": 0.0, "max": 1.0,
                                                    "step": 0.01,
                                                    "tooltip": "Background estimate: a self-attention segment is "
-                                                              "background when no noun scores above this (0.2)."}),
+                                                              "background when no noun scores above this (0.2, paper "
+                                                              "Sec. 3.3)."}),
             },
         }
 
