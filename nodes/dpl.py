@@ -185,6 +185,8 @@ def _package(model, vae, results, reference, sigmas, cfg, source, negative, sour
     extras = {"dpl": {"nouns": tuple(words), "settings": settings,
                       "token_iterations": [[s.iterations for s in r.logs] for r in results],
                       "losses": [[(s.first, s.last) for s in r.logs] for r in results],
+                      "thresholds": [[(s.thresholds.at, s.thresholds.dj, s.thresholds.bg) for s in r.logs]
+                                     for r in results],
                       "null_text_iterations": [r.null_text_iterations for r in results],
                       "rows": [{k: v.to(device) for k, v in r.rows.items()} for r in results],
                       "background": torch.stack([r.background for r in results]).to(device),
