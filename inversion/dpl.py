@@ -85,6 +85,7 @@ class DPLInversion:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # {token key: [S, P, E]} learned rows per step
     logs: list[StepLog] = field(default_factory=list)
     null_text_iterations: int = 0
+    degenerate_estimate: str = ""  # "empty" / "full" when the estimate was unusable and L_bg was switched off
 
 
 def check_nouns(nouns: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -103,8 +104,17 @@ def background_on_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     return mask_to_grid(mask.float()[None], grid, binary=True)[0, 0]
 
 
+def degenerate(background: torch.Tensor) -> str:
+    """"empty" when no cell of the {0, 1} loss-grid mask B is background, "full" when every cell is, else ""."""
+    if not bool(background.any()):
+        return "empty"
+    return "full" if bool(background.all()) else ""
+
+
 def estimate_from_run(run: RunState, nouns: Sequence[Sequence[int]], settings: DPLSettings) -> torch.Tensor:
-    """Sec. 3.3 background [h2, w2] from a DDIM pass that captured level-2 self- and semantic-level cross-attention."""
+    """Sec. 3.3 background [h2, w2] from a DDIM pass that captured level-2 self- and semantic-level cross-attention.
+
+    nouns: token positions of every word the segments are scored against (`masks.background.scoring_words`)."""
     self_map = run.mean_map("self", SELF_LEVEL_DPL)
     cross = run.mean_map("cross", settings.level)
     if self_map is None or cross is None:
@@ -214,25 +224,32 @@ def _dpl_pass(model, encoder: RowEncoder, source, negative, latent, sigmas, cfg,
 
 def dpl_invert(model, encoder: RowEncoder, source: list, negative: list, latent: torch.Tensor, sigmas: torch.Tensor,
                cfg: float, nouns: Sequence[Sequence[int]], background: torch.Tensor | None = None,
-               settings: DPLSettings = DPLSettings(), progress: Progress = lambda n, x0: None) -> DPLInversion:
+               settings: DPLSettings = DPLSettings(), progress: Progress = lambda n, x0: None,
+               scored: Sequence[Sequence[int]] | None = None) -> DPLInversion:
     """Invert ONE image (raw latent [1, C, h, w]) with Dynamic Prompt Learning (Alg. 1).
 
     nouns: token positions of each noun of the source prompt (all tokens of a multi-token word). background: a
-    [H, W] mask in the image frame (1 = background) or None to estimate it (Sec. 3.3) from the DDIM pass.
+    [H, W] mask in the image frame (1 = background) or None to estimate it (Sec. 3.3) from the DDIM pass, scoring
+    the segments against the words at `scored` (default: the nouns). An estimate that is empty or covers every cell
+    of the loss grid is not used: L_bg is off (B = 0) and `degenerate_estimate` says which ("empty" / "full"), for
+    the caller to warn, as with an empty user mask (a full user mask is refused by the node).
     """
     nouns = check_nouns(nouns)
     self_levels = frozenset({SELF_LEVEL_DPL}) if background is None else frozenset()
     capture = CaptureSpec(cross_levels=frozenset({settings.level}), self_levels=self_levels)
     latents, ddim_run = engine.ddim_inversion(model, source, negative, latent, sigmas, capture, progress)
     grid = semantic_grid(tuple(latent.shape[-2:]), settings.level)
-    estimated = None
+    estimated, issue = None, ""
     if background is None:
-        estimated = estimate_from_run(ddim_run, nouns, settings)
+        estimated = estimate_from_run(ddim_run, nouns if scored is None else scored, settings)
         background = estimated
     bg = background_on_grid(background, grid)
+    if estimated is not None and settings.weights.bg:
+        issue = degenerate(bg)
+        bg = torch.zeros_like(bg) if issue else bg  # all-background would push every noun off the image; empty: 0
     comfy_model.check_interrupt()
     cond, uncond, recon, cross, logs, iters, rows = _dpl_pass(model, encoder, source, negative, latent, sigmas, cfg,
-                                                        latents, nouns, bg, settings, progress)
+                                                        latents, nouns, None if issue else bg, settings, progress)
     if cross is None:  # no token optimisation: report the inversion's maps
         cross = ddim_run.mean_map("cross", settings.level)[0].view(*grid, -1)
-    return DPLInversion(latents, cond, uncond, recon, bg, estimated, cross, ddim_run, rows, logs, iters)
+    return DPLInversion(latents, cond, uncond, recon, bg, estimated, cross, ddim_run, rows, logs, iters, issue)

@@ -14,9 +14,9 @@ from ..inversion import comfy_model, dpl
 from ..inversion.dpl_text import RowEncoder, load
 from ..inversion.schedule import ddim_sigmas
 from ..inversion.trajectory import InversionTrajectory
-from ..masks.background import BACKGROUND_THRESHOLD
+from ..masks.background import BACKGROUND_THRESHOLD, scoring_words
 from ..masks.ops import as_mask_batch, aspect_mismatch, grid_to_image, mask_to_grid
-from .common import AttnEditError, crop_to_multiple, wrap_errors
+from .common import AttnEditError, crop_to_multiple, warn, wrap_errors
 from .inversion import _measure
 from .types import ATTN_STORE, CAT_INVERSION, INVERSION
 
@@ -131,11 +131,14 @@ class AttnEditDynamicPromptLearn:
         sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
         steps = len(sigmas) - 1
         encoder = RowEncoder(clip, tokens, [p for w in words for p in positions[w]])
+        scored = scoring_words(tokens.word_groups(), [positions[w] for w in words])
         load(clip)
         progress = comfy_model.Progress(model, samples.shape[0] * steps * (1 + settings.units_per_step()))
         results = [dpl.dpl_invert(model, encoder, source, negative, samples[i:i + 1], sigmas, cfg,
                                   [positions[w] for w in words], None if masks is None else masks[i], settings,
-                                  progress.update) for i in range(samples.shape[0])]
+                                  progress.update, scored) for i in range(samples.shape[0])]
+        for i, r in enumerate(results):
+            _warn_degenerate(r.degenerate_estimate, i, len(results), settings)
         return _package(model, vae, results, reference, sigmas, cfg, source, negative, source_prompt,
                         negative_prompt, tokens, words, settings)
 
@@ -163,7 +166,8 @@ def _background_masks(mask, samples, level: int) -> torch.Tensor | None:
         log.warning("%s: `background` is %dx%d, the image %dx%d; the mask is stretched to the image", NODE,
                     masks.shape[-1], masks.shape[-2], frame[1], frame[0])
     if float(masks.max()) <= 0:
-        log.warning("%s: `background` is empty; the background leakage loss is off", NODE)
+        warn(NODE, "`background` is empty (no pixel is 1), so the background leakage loss is off; paint the "
+                   "background white (1) or disconnect `background` to estimate it")
     grid = semantic_grid(tuple(samples.shape[-2:]), level)
     on_grid = mask_to_grid(masks, grid, binary=True).flatten(1)
     for i in range(on_grid.shape[0]):
@@ -173,6 +177,23 @@ def _background_masks(mask, samples, level: int) -> torch.Tensor | None:
                                       "to attend; 1 = background only: leave the objects unmasked, or disconnect "
                                       "`background` to estimate it")
     return masks
+
+
+def _warn_degenerate(issue: str, image: int, batch: int, settings) -> None:
+    """Say that the background estimate of `image` was unusable and the background leakage loss is off."""
+    if not issue:
+        return
+    which = f" of image {image}" if batch > 1 else ""
+    th = settings.background_threshold
+    if issue == "empty":
+        warn(NODE, f"the estimated background{which} is empty: every self-attention segment scores above "
+                   f"background_threshold={th:g} for some word of the source prompt, so the background leakage "
+                   "loss is off; raise `background_threshold` or connect a `background` MASK")
+    else:
+        warn(NODE, f"the estimated background{which} covers the whole image: no word of the source prompt scores "
+                   f"above background_threshold={th:g} on any self-attention segment, so the background leakage "
+                   "loss is off (it would push every noun off the image); lower `background_threshold` or connect a "
+                   "`background` MASK")
 
 
 def _package(model, vae, results, reference, sigmas, cfg, source, negative, source_prompt, negative_prompt, tokens,
