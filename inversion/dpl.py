@@ -28,6 +28,7 @@ import torch
 from ..attention import dpl as losses_mod
 from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL, semantic_grid
 from ..attention.run import COND, UNCOND, CaptureComplete, CaptureSpec, RunState
+from ..attention.tokens import PromptTokens
 from ..masks.background import BACKGROUND_CLUSTERS, BACKGROUND_THRESHOLD, estimate_background
 from ..masks.ops import mask_to_grid
 from . import comfy_model, engine, null_text
@@ -253,3 +254,36 @@ def dpl_invert(model, encoder: RowEncoder, source: list, negative: list, latent:
     if cross is None:  # no token optimisation: report the inversion's maps
         cross = ddim_run.mean_map("cross", settings.level)[0].view(*grid, -1)
     return DPLInversion(latents, cond, uncond, recon, bg, estimated, cross, ddim_run, rows, logs, iters, issue)
+
+
+def target_row_map(source_positions: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]],
+                   sizes: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Where each learned noun row goes in the target prompt: (target token positions, indices into the rows).
+
+    Per noun: its source positions (every occurrence, `sizes[k]` tokens each; the learned rows follow this order,
+    noun after noun), its positions in the target prompt (empty when the target drops it). The j-th occurrence in
+    the target takes the rows of the j-th occurrence in the source (the last one when the target has more).
+    As the official edit (`_4_image_edit.py`), which writes the placeholder token of every noun the target keeps.
+    """
+    positions, index, offset = [], [], 0
+    for src, tgt, n in zip(source_positions, target_positions, sizes):
+        occurrences = max(1, len(src) // n)
+        for j in range(len(tgt) // n):
+            occ = min(j, occurrences - 1)
+            positions += list(tgt[j * n:(j + 1) * n])
+            index += [offset + occ * n + m for m in range(n)]
+        offset += len(src)
+    return positions, index
+
+
+def target_contexts(clip, target: PromptTokens, rows: dict[str, torch.Tensor], positions: Sequence[int],
+                    index: Sequence[int]) -> torch.Tensor:
+    """[S, T, E] the target prompt encoded at every step with the learned rows of the kept nouns at `positions`.
+
+    rows: {token key: [S, P, E]} of one image (`DPLInversion.rows`); `positions`, `index` from `target_row_map`.
+    """
+    encoder = RowEncoder(clip, target, positions)
+    steps = next(iter(rows.values())).shape[0]
+    pick = torch.tensor(list(index))
+    with torch.no_grad():
+        return torch.stack([encoder.encode({k: v[s][pick] for k, v in rows.items()})[0] for s in range(steps)])

@@ -9,7 +9,7 @@ import torch
 from ..attention import dpl as dpl_losses
 from ..attention.layers import semantic_grid
 from ..attention.store import AttentionStore, merge_stores, store_from_run
-from ..attention.tokens import split_words, tokenize_prompt, word_positions
+from ..attention.tokens import PromptError, split_words, tokenize_prompt, word_positions, word_token_ids
 from ..inversion import comfy_model, dpl
 from ..inversion.dpl_text import RowEncoder, load
 from ..inversion.schedule import ddim_sigmas
@@ -100,6 +100,11 @@ class AttnEditDynamicPromptLearn:
                                                    "tooltip": "Background estimate: a self-attention segment is "
                                                               "background when no noun scores above this (0.2, paper "
                                                               "Sec. 3.3)."}),
+                "learned_tokens_in_target": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "When editing with this inversion, every noun that the target prompt keeps gets its "
+                               "learned token at each step, as the official DPL edit does (so target = source "
+                               "regenerates the reconstruction). Off: the target prompt is encoded plainly."}),
             },
         }
 
@@ -107,16 +112,17 @@ class AttnEditDynamicPromptLearn:
                background=None, negative_prompt="", token_iterations=dpl.TOKEN_ITERATIONS,
                null_text_iterations=dpl.NULL_TEXT_ITERATIONS, learning_rate=dpl.TOKEN_LR,
                lambda_attention=dpl_losses.LAMBDA_AT, lambda_disjoint=dpl_losses.LAMBDA_DJ,
-               lambda_background=dpl_losses.LAMBDA_BG, background_threshold=BACKGROUND_THRESHOLD):
+               lambda_background=dpl_losses.LAMBDA_BG, background_threshold=BACKGROUND_THRESHOLD,
+               learned_tokens_in_target=True):
         settings = dpl.DPLSettings(
             weights=dpl_losses.Weights(float(lambda_attention), float(lambda_disjoint), float(lambda_background)),
             token_iterations=int(token_iterations), learning_rate=float(learning_rate),
             null_text_iterations=int(null_text_iterations), background_threshold=float(background_threshold))
         return wrap_errors(NODE, self._invert, model, clip, source_prompt, nouns, steps, cfg, image, vae, latent,
-                           background, negative_prompt, settings)
+                           background, negative_prompt, settings, bool(learned_tokens_in_target))
 
     def _invert(self, model, clip, source_prompt, nouns, steps, cfg, image, vae, latent, background, negative_prompt,
-                settings):
+                settings, in_target=True):
         comfy_model.require_family(model, NODE)
         samples, reference = _input_latent(image, vae, latent)
         tokens = tokenize_prompt(clip, source_prompt)
@@ -139,8 +145,10 @@ class AttnEditDynamicPromptLearn:
                                   progress.update, scored) for i in range(samples.shape[0])]
         for i, r in enumerate(results):
             _warn_degenerate(r.degenerate_estimate, i, len(results), settings)
+        edit = {"clip": clip, "noun_ids": [word_token_ids(clip, w) for w in words],
+                "noun_positions": [positions[w] for w in words]} if in_target else None
         return _package(model, vae, results, reference, sigmas, cfg, source, negative, source_prompt,
-                        negative_prompt, tokens, words, settings)
+                        negative_prompt, tokens, words, settings, edit)
 
 
 def _input_latent(image, vae, latent) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -197,7 +205,7 @@ def _warn_degenerate(issue: str, image: int, batch: int, settings) -> None:
 
 
 def _package(model, vae, results, reference, sigmas, cfg, source, negative, source_prompt, negative_prompt, tokens,
-             words, settings):
+             words, settings, edit=None):
     device = comfy_model.intermediate_device()
     stack = lambda name: torch.stack([getattr(r, name).to(device) for r in results], 1)  # noqa: E731
     recon = torch.stack([r.reconstruction for r in results]).to(device)
@@ -212,7 +220,8 @@ def _package(model, vae, results, reference, sigmas, cfg, source, negative, sour
                       "rows": [{k: v.to(device) for k, v in r.rows.items()} for r in results],
                       "background": torch.stack([r.background for r in results]).to(device),
                       "estimated_background": [None if r.estimated_background is None else
-                                               r.estimated_background.to(device) for r in results]}}
+                                               r.estimated_background.to(device) for r in results],
+                      "edit": edit}}
     trajectory = InversionTrajectory(
         method="dpl", sigmas=sigmas, latents=stack("latents"), source=source, negative=negative,
         source_prompt=source_prompt, negative_prompt=negative_prompt, cfg=float(cfg),
@@ -232,6 +241,42 @@ def _store(result: dpl.DPLInversion, tokens, latent_hw, device, level: int) -> A
     base = store_from_run(result.ddim_run, (tokens,), latent_hw, device)
     cross = {**base.cross, level: result.cross[None].to(device)}
     return AttentionStore(cross, ("source",), (tokens,), latent_hw, base.steps, base.self_maps)
+
+
+def learned_target(node: str, inversion, target: list, target_tokens) -> torch.Tensor | None:
+    """[S, B, T, E] per-step target context with DPL's learned tokens for every noun the target prompt keeps (as the
+    official DPL edit), or None: not a DPL inversion, `learned_tokens_in_target` off, or no listed noun kept.
+
+    target_tokens: the target prompt's tokens (from the attention hook); None when only a CONDITIONING is known,
+    which is taken as the source prompt when it equals the inversion's source conditioning, else a warning.
+    """
+    edit = (inversion.extras.get("dpl") or {}).get("edit") if inversion.method == "dpl" else None
+    if edit is None:
+        return None
+    if target_tokens is None:
+        tensor, src = target[0][0], inversion.source[0][0]
+        if tensor.shape == src.shape and torch.equal(tensor.to(src), src):
+            target_tokens = inversion.source_tokens
+        else:
+            warn(node, "the DPL inversion's learned_tokens_in_target is on but the target is a CONDITIONING whose "
+                       "prompt text is unknown, so the target prompt gets no learned tokens; give the target prompt "
+                       "through an attention hook (e.g. Prompt-to-Prompt Attention Hook) or turn "
+                       "learned_tokens_in_target off on the Dynamic Prompt Learning node")
+            return None
+    found = []
+    for ids in edit["noun_ids"]:
+        try:
+            found.append(target_tokens.find(list(ids), "noun"))
+        except PromptError:  # the target drops this noun (e.g. the swapped word): plain tokens there
+            found.append([])
+    sizes = [len(ids) for ids in edit["noun_ids"]]
+    positions, index = dpl.target_row_map(edit["noun_positions"], found, sizes)
+    if not positions:
+        return None
+    load(edit["clip"])
+    device = comfy_model.intermediate_device()
+    return torch.stack([dpl.target_contexts(edit["clip"], target_tokens, rows, positions, index).to(device)
+                        for rows in inversion.extras["dpl"]["rows"]], 1)
 
 
 NODES = {"AttnEditDynamicPromptLearn": (AttnEditDynamicPromptLearn, "Dynamic Prompt Learning (Attention Edit)")}
