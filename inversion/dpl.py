@@ -150,21 +150,20 @@ def _evaluate(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.
     return losses_mod.dpl_losses(maps, nouns, background, settings.weights), maps.detach()
 
 
-def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
-                    step: int, steps: int, nouns: list[list[int]], background: torch.Tensor | None,
-                    settings: DPLSettings, on_iteration: Callable[[], None], stop_after: int | None = None):
-    """Alg. 1 lines 9-14 at one step: update the noun rows with AdamW on L (Eq. 9) until every loss is under its
-    threshold (Eq. 10) or `token_iterations` evaluations were made (as the code: evaluate, test, then update).
+def token_loop(evaluate: Callable[[dict], tuple], rows: dict, th: losses_mod.Thresholds, settings: DPLSettings,
+               on_iteration: Callable[[], None] = lambda: None):
+    """Alg. 1 lines 9-14: evaluate L (Eq. 9) with the current rows, stop when every loss is strictly under its
+    threshold (Eq. 10), else one AdamW step on the rows; at most `token_iterations` evaluations (as the code:
+    evaluate, test, then update, so the last update of a spent budget is not evaluated at this step).
 
-    Returns (rows, StepLog, maps A [h, w, T] of the last evaluation).
+    evaluate(params) -> (Losses, maps). Returns (rows, updates, first (at, dj, bg), last (at, dj, bg), maps).
     """
-    th = losses_mod.thresholds(step, steps)
     params = {k: v.detach().clone().float().requires_grad_(True) for k, v in rows.items()}
     opt = torch.optim.AdamW(list(params.values()), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     first = last = (0.0, 0.0, 0.0)
     updates, maps = 0, None
     for j in range(settings.token_iterations):
-        losses, maps = _evaluate(den, run, encoder, params, x_bar, sigma, nouns, background, settings, stop_after)
+        losses, maps = evaluate(params)
         last = losses.values()
         first = last if j == 0 else first
         if losses.below(th) or not losses.total.requires_grad:
@@ -174,7 +173,24 @@ def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: 
         opt.step()
         updates += 1
         on_iteration()
-    return {k: v.detach() for k, v in params.items()}, StepLog(step, updates, first, last, th), maps
+    return {k: v.detach() for k, v in params.items()}, updates, first, last, maps
+
+
+def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
+                    step: int, steps: int, nouns: list[list[int]], background: torch.Tensor | None,
+                    settings: DPLSettings, on_iteration: Callable[[], None], stop_after: int | None = None):
+    """`token_loop` at denoising step `step` of `steps` with the thresholds of Eq. 10 for that step and the losses of
+    one conditional-only forward per evaluation.
+
+    Returns (rows, StepLog, maps A [h, w, T] of the last evaluation).
+    """
+    th = losses_mod.thresholds(step, steps)
+
+    def evaluate(params):
+        return _evaluate(den, run, encoder, params, x_bar, sigma, nouns, background, settings, stop_after)
+
+    rows, updates, first, last, maps = token_loop(evaluate, rows, th, settings, on_iteration)
+    return rows, StepLog(step, updates, first, last, th), maps
 
 
 def _dpl_pass(model, encoder: RowEncoder, source, negative, latent, sigmas, cfg, latents, nouns, background,
