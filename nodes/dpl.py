@@ -132,6 +132,7 @@ class AttnEditDynamicPromptLearn:
                                       "learn, e.g. \"cat, dog\"")
         positions = word_positions(clip, tokens, words, "source prompt")
         masks = _background_masks(background, samples, settings.level)
+        _warn_idle_knobs(words, settings)
         source = comfy_model.encode_text(clip, source_prompt)
         negative = comfy_model.encode_text(clip, negative_prompt)
         sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
@@ -185,6 +186,18 @@ def _background_masks(mask, samples, level: int) -> torch.Tensor | None:
                                       "to attend; 1 = background only: leave the objects unmasked, or disconnect "
                                       "`background` to estimate it")
     return masks
+
+
+def _warn_idle_knobs(words, settings) -> None:
+    """Say when a loss weight cannot act at these settings (instead of silently doing nothing)."""
+    w = settings.weights
+    if settings.token_iterations > 0 and not (w.at or w.dj or w.bg):
+        warn(NODE, f"token_iterations={settings.token_iterations} with lambda_attention, lambda_disjoint and "
+                   "lambda_background all 0: there is nothing to optimise and the tokens stay as they are; raise a "
+                   "lambda or set token_iterations to 0 (plain null-text inversion)")
+    elif w.dj and len(words) < 2:
+        warn(NODE, f"lambda_disjoint={w.dj:g} has no effect with one noun ({words[0]!r}): the disjoint loss needs two "
+                   "nouns; list a second object of the source prompt in `nouns`, or set lambda_disjoint to 0")
 
 
 def _warn_degenerate(issue: str, image: int, batch: int, settings) -> None:

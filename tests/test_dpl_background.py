@@ -67,3 +67,20 @@ def test_an_empty_background_mask_input_warns_with_the_fix(tiny, caplog):
         inv = dpl(tiny, background=torch.zeros(1, 128, 128), steps=2, token_iterations=1)[0]
     assert "`background` is empty" in caplog.text and "disconnect `background`" in caplog.text
     assert all(last[2] == 0 for _, last in inv.extras["dpl"]["losses"][0])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"nouns": "dog"}, "lambda_disjoint=0.05 has no effect with one noun ('dog')"),
+    ({"lambda_attention": 0.0, "lambda_disjoint": 0.0, "lambda_background": 0.0}, "nothing to optimise"),
+])
+def test_a_loss_weight_that_cannot_act_is_reported(tiny, caplog, kw, message):
+    with caplog.at_level("WARNING"):
+        inv = dpl(tiny, steps=2, token_iterations=1, **kw)[0]
+    assert message in caplog.text
+    if "nouns" not in kw:
+        assert inv.extras["dpl"]["token_iterations"][0] == [0, 0]  # indeed no update was made
+    caplog.clear()
+    quiet = {**kw, "lambda_disjoint": 0.0, "token_iterations": 1} if "nouns" in kw else {**kw, "token_iterations": 0}
+    with caplog.at_level("WARNING"):
+        dpl(tiny, steps=2, **quiet)
+    assert message not in caplog.text
