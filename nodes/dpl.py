@@ -132,7 +132,7 @@ class AttnEditDynamicPromptLearn:
                                       "learn, e.g. \"cat, dog\"")
         positions = word_positions(clip, tokens, words, "source prompt")
         masks = _background_masks(background, samples, settings.level)
-        _warn_idle_knobs(words, settings)
+        _warn_idle_knobs(words, settings, masks is not None)
         source = comfy_model.encode_text(clip, source_prompt)
         negative = comfy_model.encode_text(clip, negative_prompt)
         sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
@@ -188,9 +188,13 @@ def _background_masks(mask, samples, level: int) -> torch.Tensor | None:
     return masks
 
 
-def _warn_idle_knobs(words, settings) -> None:
-    """Say when a loss weight cannot act at these settings (instead of silently doing nothing)."""
+def _warn_idle_knobs(words, settings, mask_given: bool) -> None:
+    """Say when a knob cannot act at these settings (instead of silently doing nothing)."""
     w = settings.weights
+    if mask_given and settings.background_threshold != BACKGROUND_THRESHOLD:
+        warn(NODE, f"background_threshold={settings.background_threshold:g} has no effect: a `background` MASK is "
+                   "connected and used as is (the threshold only shapes the estimate); disconnect `background` to "
+                   "estimate it")
     if settings.token_iterations > 0 and not (w.at or w.dj or w.bg):
         warn(NODE, f"token_iterations={settings.token_iterations} with lambda_attention, lambda_disjoint and "
                    "lambda_background all 0: there is nothing to optimise and the tokens stay as they are; raise a "

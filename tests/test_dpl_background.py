@@ -73,7 +73,7 @@ def test_an_empty_background_mask_input_warns_with_the_fix(tiny, caplog):
     ({"nouns": "dog"}, "lambda_disjoint=0.05 has no effect with one noun ('dog')"),
     ({"lambda_attention": 0.0, "lambda_disjoint": 0.0, "lambda_background": 0.0}, "nothing to optimise"),
 ])
-def test_a_loss_weight_that_cannot_act_is_reported(tiny, caplog, kw, message):
+def test_a_loss_weight_that_cannot_act_is_reported(tiny, caplog, kw, message):  # (warnings name knob and value)
     with caplog.at_level("WARNING"):
         inv = dpl(tiny, steps=2, token_iterations=1, **kw)[0]
     assert message in caplog.text
@@ -84,3 +84,15 @@ def test_a_loss_weight_that_cannot_act_is_reported(tiny, caplog, kw, message):
     with caplog.at_level("WARNING"):
         dpl(tiny, steps=2, **quiet)
     assert message not in caplog.text
+
+
+def test_background_threshold_with_a_mask_connected_is_reported(tiny, caplog):
+    half = torch.zeros(1, 128, 128)
+    half[:, :, :64] = 1.0
+    with caplog.at_level("WARNING"):
+        dpl(tiny, background=half, steps=2, token_iterations=1, background_threshold=0.3)
+    assert "background_threshold=0.3 has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        dpl(tiny, background=half, steps=2, token_iterations=1)  # the default: nothing was asked of it
+    assert "background_threshold" not in caplog.text
