@@ -74,13 +74,14 @@ class Settings:
 
     @property
     def mag_guidance_steps(self) -> int:
-        """MAG-Edit tau: the paper guides 25 of 50 steps; at fewer steps the same fraction (at least one)."""
-        return max(1, self.steps * 25 // PAPER_STEPS)
+        """MAG-Edit tau: the paper guides 25 of 50 steps; the node scales it to the run (attention/mag.steps_at:
+        half up, at least one). The node takes the paper's 25; this is the count it guides, for the pass tallies."""
+        return max(1, (2 * 25 * self.steps + PAPER_STEPS) // (2 * PAPER_STEPS))
 
     @property
     def mag_blend_steps(self) -> int:
-        """MAG-Edit latent blend over the last 15 of 50 steps; the same fraction (at least one)."""
-        return max(1, self.steps * 15 // PAPER_STEPS)
+        """MAG-Edit latent blend over the last 15 of 50 steps, scaled by the node the same way."""
+        return max(1, (2 * 15 * self.steps + PAPER_STEPS) // (2 * PAPER_STEPS))
 
     @classmethod
     def cheap(cls, steps: int) -> Settings:
@@ -489,8 +490,8 @@ def mag_edit(ctx: BenchContext, inversion) -> None:
     hook = call("AttnEditAttentionHook", model=ctx.model, clip=ctx.clip, source_prompt=SOURCE, target_prompt=MAG_TARGET,
                 mode="refine", cross_replace=0.8, self_replace=0.5)[0]
     guided = call("AttnEditMAGGuidance", model=hook, inversion=inversion, mask=ctx.mask, target_words="white",
-                  constraint="token_ratio", max_iterations=s.mag_iterations, guidance_steps=s.mag_guidance_steps,
-                  scale=2.5, negative_words="", blend_steps=s.mag_blend_steps)[0]
+                  constraint="token_ratio", max_iterations=s.mag_iterations, guidance_steps=25, scale=2.5,
+                  negative_words="", blend_steps=15)[0]  # the paper's counts at 50 steps; the node scales them
     call("AttnEditEditSampler", model=guided, inversion=inversion)
 
 

@@ -141,8 +141,9 @@ def mag(models, inversions):
 
 
 def mag_model(p2p, inv, **kw):
-    args = dict(mask=box(), target_words="yellow", constraint="token_ratio", max_iterations=3, guidance_steps=2,
-                scale=2.5, blend_steps=2)
+    # step knobs count steps of a 50-step run, scaled to STEPS = 3: 25 -> 2 guided, 34 -> 2 blended steps
+    args = dict(mask=box(), target_words="yellow", constraint="token_ratio", max_iterations=3, guidance_steps=25,
+                scale=2.5, blend_steps=34)
     args.update(kw)
     return call_node("AttnEditMAGGuidance", model=p2p, inversion=inv, **args)[0]
 

@@ -7,3 +7,27 @@ def test_pack_loaded_through_comfy_loader():
     assert HOST.pack.NODE_CLASS_MAPPINGS is not None
     for node_id in HOST.pack.NODE_CLASS_MAPPINGS:
         assert nodes.NODE_CLASS_MAPPINGS[node_id] is HOST.pack.NODE_CLASS_MAPPINGS[node_id]
+
+
+def test_everything_the_host_writes_goes_to_the_temp_folder():
+    """CI mounts ComfyUI 0.3.64 read-only: output, input, temp and (0.3.x) user folders must live in the harness's
+    temporary folder, never in the host tree."""
+    import os
+
+    import folder_paths
+
+    dirs = [folder_paths.get_output_directory(), folder_paths.get_input_directory(), folder_paths.get_temp_directory()]
+    if HOST.is_new:
+        dirs.append(folder_paths.get_user_directory())
+    for path in dirs:
+        assert os.path.commonpath([path, HOST.temp_dir]) == HOST.temp_dir, path
+        assert os.path.commonpath([path, HOST.comfy_path]) != HOST.comfy_path, path
+
+
+def test_only_newer_host_tests_may_skip_and_only_on_the_old_host():
+    from conftest import skip_allowed
+
+    assert skip_allowed(needs_newer_host=True, host_is_new=False)
+    assert not skip_allowed(needs_newer_host=True, host_is_new=True)
+    assert not skip_allowed(needs_newer_host=False, host_is_new=False)
+    assert not skip_allowed(needs_newer_host=False, host_is_new=True)

@@ -32,8 +32,9 @@ def square(lo=64, hi=192, batch=1, size=IMAGE):
 
 
 def guided(model, inversion, **kw):
-    args = dict(mask=square(), target_words="yellow", constraint="token_ratio", max_iterations=3, guidance_steps=2,
-                scale=2.5, blend_steps=2)
+    # step knobs count steps of a 50-step run, scaled to the STEPS = 3 here: 25 -> 2 guided, 34 -> 2 blended, 1 -> 1
+    args = dict(mask=square(), target_words="yellow", constraint="token_ratio", max_iterations=3, guidance_steps=25,
+                scale=2.5, blend_steps=34)
     args.update(kw)
     return call_node("AttnEditMAGGuidance", model=model, inversion=inversion, **args)[0]
 
@@ -128,7 +129,7 @@ def small(tiny, p2p):
 
 def test_each_image_of_a_batch_uses_its_own_mask(p2p, small):
     masks = torch.cat([square(0, 64, size=128), square(64, 128, size=128)])
-    edited, source = sample(guided(p2p, small, mask=masks, max_iterations=0, blend_steps=STEPS), small)
+    edited, source = sample(guided(p2p, small, mask=masks, max_iterations=0, blend_steps=50), small)
     ops = pkg("masks.ops")
     latent_masks = ops.dilate(ops.mask_to_grid(masks, (16, 16), binary=True))
     for i in range(2):
@@ -190,9 +191,10 @@ def test_interrupt_mid_optimisation_leaves_the_next_run_clean(p2p, small, monkey
     (dict(negative_words="yellow"), "cannot be both raised and lowered"),
     (dict(mask=square(100, 120)), "covers no cell of the 8x8 attention grid"),
     (dict(mask=torch.zeros(3, 64, 64)), "batch of 3 masks for 1 image"),
-    (dict(guidance_steps=STEPS + 1), f"`guidance_steps` is {STEPS + 1} but the inversion has {STEPS} steps"),
-    (dict(blend_steps=STEPS + 1), f"`blend_steps` is {STEPS + 1} but the inversion has {STEPS} steps"),
+    (dict(guidance_steps=51), "`guidance_steps` is 51; it counts steps of the paper's 50-step run"),
+    (dict(blend_steps=-1), "`blend_steps` is -1; it counts steps of the paper's 50-step run"),
     (dict(target_words="cat"), "copied from the source during every guided step"),
+    (dict(token_ratio_denominator="rows"), "`token_ratio_denominator` 'rows' is unknown"),
 ])
 def test_bad_inputs_are_clear_errors(p2p, inversion, kw, message):
     with pytest.raises(ValueError, match=message) as err:

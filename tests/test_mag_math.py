@@ -157,3 +157,113 @@ def test_word_loss_checks_its_inputs(mag):
         mag.word_loss([maps], mask, [2], "area")
     with pytest.raises(ValueError, match="no semantic-level"):
         mag.word_loss([], mask, [2], "token_ratio")
+
+
+# ------------------------------------------------------------------------------------------------ Eq. 1 denominator
+def denominator_case():
+    """One head, two queries, five tokens: SOT, a common word, the target word, another NEW word, padding."""
+    maps = torch.tensor([[[0.50, 0.10, 0.20, 0.15, 0.05],
+                          [0.30, 0.20, 0.05, 0.40, 0.05]]])
+    common = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    return maps, common
+
+
+def test_token_ratio_denominator_is_the_word_plus_common_tokens(mag):
+    """Eq. 1: (A*)_i / ((A*)_i + sum_{j in S} (A_t)_j): the other new word (token 3) is not in the denominator; the
+    reference code's full row is kept as `others=None`."""
+    maps, common = denominator_case()
+    others = mag.denominator_columns(common, [2])
+    assert others.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+    paper = mag.token_ratio(maps, [2], others)
+    torch.testing.assert_close(paper, torch.tensor([[0.20 / 0.85, 0.05 / 0.60]]))
+    torch.testing.assert_close(mag.token_ratio(maps, [2]), torch.tensor([[0.20, 0.05]]))
+    mask = torch.tensor([1.0, 0.0])
+    assert mag.token_ratio_loss(maps, mask, [2], others).item() == pytest.approx((1 - 0.20 / 0.85) ** 2)
+    assert mag.token_ratio_loss(maps, mask, [2]).item() == pytest.approx((1 - 0.20) ** 2)
+
+
+def test_denominator_of_a_common_word_counts_it_once(mag):
+    """A negative word that is also common (token 1): its own column is not added twice."""
+    maps, common = denominator_case()
+    others = mag.denominator_columns(common, [1])
+    assert others.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    torch.testing.assert_close(mag.token_ratio(maps, [1], others), torch.tensor([[0.10 / 0.65, 0.20 / 0.55]]))
+
+
+def test_common_columns_from_refine_alphas_or_the_target_words(mag):
+    alphas = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    assert mag.common_columns(10, alphas).tolist() == [1, 1, 0, 0, 1] * 2  # repeated over the prompt's chunks
+    assert mag.common_columns(5, None, [2, 3]).tolist() == [1, 1, 0, 0, 1]
+    with pytest.raises(ValueError, match="whole number"):
+        mag.common_columns(7, alphas)
+
+
+# ------------------------------------------------------------------------------------------------ per-word masks
+def test_per_word_masks_each_word_reads_its_own_mask(mag):
+    """Eq. 5 with one mask per word (Fig. 9b, reference word[0][i]): sum_i lambda_i L^i(M_i); the negative words are
+    measured in the union of the masks."""
+    maps, _ = planted()
+    layers = [maps]
+    m_a, m_b = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0])
+    got = mag.total_loss(layers, torch.stack([m_a, m_b]), [([2], 0.6), ([0], 0.4)], [[1]], "token_ratio")
+    union = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    expected = (0.6 * mag.word_loss(layers, m_a, [2], "token_ratio") + 0.4 * mag.word_loss(layers, m_b, [0],
+                "token_ratio") - mag.word_loss(layers, union, [1], "token_ratio"))
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    shared = mag.total_loss(layers, m_a, [([2], 0.6), ([0], 0.4)], [[1]], "token_ratio")
+    assert abs(shared.item() - got.item()) > 1e-3, "one shared mask must differ from the per-word masks here"
+    with pytest.raises(ValueError, match="one per word"):
+        mag.total_loss(layers, torch.stack([m_a, m_b, m_b]), [([2], 1.0)], (), "token_ratio")
+
+
+def test_negative_maps_are_read_from_their_own_prompt(mag):
+    """Eq. 3 with a separate negative-words prompt: L_ng reads `negative_maps`, the targets read `maps`."""
+    maps, mask = planted()
+    other = torch.rand(2, 4, 6).softmax(-1)
+    got = mag.total_loss([maps], mask, [([2], 1.0)], [[5]], "token_ratio", negative_maps=[other])
+    expected = mag.word_loss([maps], mask, [2], "token_ratio") - mag.word_loss([other], mask, [5], "token_ratio")
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_word_weight_tolerance_boundary(mag):
+    """Eq. 5 weights must sum to 1 within WEIGHT_TOLERANCE = 1e-3: 1.0009 passes, 1.0011 is refused."""
+    parse, resolve = mag.parse_weighted_words, mag.resolve_weights
+    assert mag.WEIGHT_TOLERANCE == 1e-3
+    assert resolve(parse("yellow=0.6009, striped=0.4")) == [("yellow", 0.6009), ("striped", 0.4)]
+    with pytest.raises(ValueError, match="sum to 1.0011"):
+        resolve(parse("yellow=0.6011, striped=0.4"))
+    assert resolve(parse("yellow=0, striped=1")) == [("yellow", 0.0), ("striped", 1.0)]  # a zero weight is >= 0
+
+
+def test_negative_prompt_pass_runs_without_a_target_row_and_restores_the_roles(mag):
+    """The negative-words pass: the denoiser sees the negative context for the cond chunk and no row with the target
+    role (so Prompt-to-Prompt does not edit it); the roles come back afterwards, also when the pass fails."""
+    run_pkg, edit_pkg = pkg("attention.run"), pkg("inversion.edit")
+    seen = []
+
+    class Denoiser:
+        def __init__(self):
+            self.run = run_pkg.RunState(torch.linspace(2.0, 0.0, 3), ("source", "target"))
+            self.fail = False
+
+        def __call__(self, x, sigma, *, context=None, labels=None, fill=None):
+            seen.append((self.run.roles, context[0]))
+            if self.fail:
+                raise RuntimeError("boom")
+            site = pkg("attention.layers").AttnSite("output", 3, 0, 4)
+            self.run.live.append(run_pkg.LiveMap(site, "cross", (1, 2), (0,), torch.full((2, 1, 2, 6), 1 / 6)))
+
+    negative = torch.randn(1, 6, 4)
+    hook = mag.MAGGuidance(targets=(((1,), 1.0),), negatives=((2,),), masks=torch.ones(1, 1, 1, 2),
+                           blend_masks=torch.ones(1, 1, 1, 2), semantic_masks=torch.ones(1, 2), semantic_grid=(1, 2),
+                           token_width=6, negative_context=negative, negative_width=6)
+    den = Denoiser()
+    ctx = edit_pkg.StepContext(0, den.run.sigmas, ("source", "target"), torch.zeros(2, 4, 1, 2), den, {},
+                               torch.zeros(3, 4, 1, 2))
+    maps = hook._negative_maps(ctx, ctx.x)
+    assert seen[0][0] == ("source", mag.NEGATIVE_ROLE) and torch.equal(seen[0][1], negative)
+    assert len(maps) == 1 and maps[0][0].shape == (1, 2, 6) and den.run.roles == ("source", "target")
+    den.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        hook._negative_maps(ctx, ctx.x)
+    assert den.run.roles == ("source", "target")

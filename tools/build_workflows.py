@@ -42,7 +42,8 @@ def build_all() -> dict[str, dict]:
 def main(argv: list[str]) -> int:
     comfy_host.boot()
     stale = []
-    for name, ui in build_all().items():
+    built = build_all()
+    for name, ui in built.items():
         path = os.path.join(WORKFLOW_DIR, f"{name}.json")
         text = json.dumps(ui, indent=1) + "\n"
         if "--check" in argv:
@@ -53,6 +54,12 @@ def main(argv: list[str]) -> int:
         with open(path, "w") as f:
             f.write(text)
         print("wrote", path)
+    if "--check" not in argv:
+        import thumbnails
+
+        example = os.path.join(WORKFLOW_DIR, "assets", "attention_edit_example.jpg")
+        for path in thumbnails.write_all(built, WORKFLOW_DIR, example):
+            print("wrote", path)
     if stale:
         print("stale workflows (run tools/build_workflows.py):", ", ".join(stale))
         return 1

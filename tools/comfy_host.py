@@ -154,11 +154,15 @@ def _prepare_comfy(comfy_path: str, temp_dir: str) -> None:
         args.cpu = True
     import folder_paths
 
-    for sub in ("output", "input", "temp"):
+    # Everything ComfyUI writes goes to temp_dir: the host tree may be read-only (CI mounts ComfyUI 0.3.64 so).
+    # Model folders are only read; ComfyUI 0.3.x's user directory (settings, its database) exists only there.
+    for sub in ("output", "input", "temp", "user"):
         os.makedirs(os.path.join(temp_dir, sub), exist_ok=True)
     folder_paths.set_output_directory(os.path.join(temp_dir, "output"))
     folder_paths.set_input_directory(os.path.join(temp_dir, "input"))
     folder_paths.set_temp_directory(os.path.join(temp_dir, "temp"))
+    if hasattr(folder_paths, "set_user_directory"):
+        folder_paths.set_user_directory(os.path.join(temp_dir, "user"))
 
 
 def _load_nodes(custom_nodes_dir: str) -> ModuleType:

@@ -16,9 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import workflow_layout as layout
 from workflow_api import widget_names
-
-NODE_WIDTH, COLUMN_GAP, ROW_GAP = 340, 60, 40
 
 
 @dataclass
@@ -34,8 +33,7 @@ class Node:
     values: dict[str, Any]
     links: dict[str, Output]
     title: str | None = None
-    column: int = 0
-    extra_height: int = 0
+    stage: str | None = None
     outputs: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str | int) -> Output:
@@ -56,57 +54,68 @@ class Node:
 class Graph:
     def __init__(self) -> None:
         self.nodes: list[Node] = []
-        self.notes: list[tuple[str, str]] = []
+        self.notes: list[tuple[str, str, str | None]] = []
+        self.stage_titles: dict[str, str] = {}
 
-    def node(self, type_: str, title: str | None = None, **inputs) -> Node:
+    def node(self, type_: str, title: str | None = None, stage: str | None = None, **inputs) -> Node:
+        """Add a node; `stage` (one of layout.STAGES) overrides the group it is drawn in."""
         values = {k: v for k, v in inputs.items() if not isinstance(v, Output)}
         links = {k: v for k, v in inputs.items() if isinstance(v, Output)}
-        column = 1 + max((o.node.column for o in links.values()), default=-1)
-        n = Node(len(self.nodes) + 1, type_, values, links, title, column)
+        n = Node(len(self.nodes) + 1, type_, values, links, title, stage)
         self.nodes.append(n)
         return n
 
-    def note(self, text: str, title: str = "Read me") -> None:
-        self.notes.append((title, text))
+    def note(self, text: str, title: str = "Read me", stage: str | None = None) -> None:
+        """A Note: with `stage`, at the top of that stage's group; without, across the top of the whole graph."""
+        self.notes.append((title, text, stage))
+
+    def title_stage(self, stage: str, title: str) -> None:
+        """Rename a stage's group for this workflow (e.g. "Regenerate" instead of "Edit")."""
+        self.stage_titles[stage] = title
 
     # ------------------------------------------------------------------------------------------------ serialise
     def to_ui(self) -> dict:
-        from nodes import NODE_CLASS_MAPPINGS
+        from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-        links, ui_nodes, link_id = [], [], 0
+        links, ui_nodes = [], []
         out_links: dict[tuple[int, int], list[int]] = {}
-        rows: dict[int, int] = {}
-        order = sorted(self.nodes, key=lambda n: (n.column, n.id))
-        for position, n in enumerate(order):
+        boxes = []
+        for n in self.nodes:
             cls = NODE_CLASS_MAPPINGS[n.type]
             spec = cls.INPUT_TYPES()
             inputs, widgets = self._inputs(n, spec, links, out_links)
-            link_id = len(links)
-            height = 80 + 26 * (len(inputs) + len(widgets)) + n.extra_height
-            y = rows.get(n.column, 0)
-            rows[n.column] = y + height + ROW_GAP
             names = list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
             outputs = [{"name": name, "type": t, "links": None, "slot_index": i}
                        for i, (name, t) in enumerate(zip(names, cls.RETURN_TYPES))]
-            entry = {"id": n.id, "type": n.type, "pos": [n.column * (NODE_WIDTH + COLUMN_GAP), y],
-                     "size": [NODE_WIDTH, height], "flags": {}, "order": position, "mode": 0,
+            entry = {"id": n.id, "type": n.type, "pos": [0, 0], "size": [0, 0], "flags": {}, "order": 0, "mode": 0,
                      "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": n.type},
                      "widgets_values": widgets}
             if n.title:
                 entry["title"] = n.title
             ui_nodes.append(entry)
+            boxes.append(layout.NodeBox(
+                id=n.id, type=n.type, inputs=tuple(o.node.id for o in n.links.values()), stage=n.stage,
+                width=layout.node_width(n.title or NODE_DISPLAY_NAME_MAPPINGS.get(n.type) or n.type),
+                height=layout.node_height(spec, cls, linked=set(n.links),
+                                          optional_sockets=n.type.startswith("AttnEdit")), preview=layout.shows_image(n.type, spec, cls)))
         by_id = {e["id"]: e for e in ui_nodes}
         for (origin, slot), ids in out_links.items():
             by_id[origin]["outputs"][slot]["links"] = ids
         next_id = len(self.nodes) + 1
-        for k, (title, text) in enumerate(self.notes):
-            ui_nodes.append({"id": next_id + k, "type": "Note", "pos": [0, -260 - 300 * k], "size": [720, 220],
-                             "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
-                             "title": title, "properties": {"text": ""}, "widgets_values": [text],
-                             "color": "#432", "bgcolor": "#653"})
-        return {"last_node_id": next_id + len(self.notes) - 1, "last_link_id": link_id, "nodes": ui_nodes,
-                "links": links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.8, "offset": [40, 320]}}, "version": 0.4}
+        notes = [layout.NoteBox(next_id + k, title, text, stage) for k, (title, text, stage) in enumerate(self.notes)]
+        placed = layout.arrange(boxes, notes, self.stage_titles)
+        for order, node_id in enumerate(placed.order):
+            by_id[node_id]["order"] = order
+        for e in ui_nodes:
+            e["pos"], e["size"] = placed.pos[e["id"]], placed.size[e["id"]]
+        for k, note in enumerate(notes):
+            ui_nodes.append({"id": note.id, "type": "MarkdownNote", "pos": placed.pos[note.id], "size": placed.size[note.id],
+                             "flags": {}, "order": len(self.nodes) + k, "mode": 0, "inputs": [], "outputs": [],
+                             "title": note.title, "properties": {"text": ""}, "widgets_values": [layout.markdown(note.text, heading=note.stage is None)],
+                             "color": layout.NOTE_COLOR, "bgcolor": layout.NOTE_BGCOLOR})
+        return {"last_node_id": next_id + len(self.notes) - 1, "last_link_id": len(links), "nodes": ui_nodes,
+                "links": links, "groups": placed.groups, "config": {},
+                "extra": {"ds": placed.view}, "version": 0.4}
 
     def _inputs(self, n: Node, spec: dict, links: list, out_links: dict):
         widgets_spec = widget_names(spec)

@@ -15,14 +15,17 @@ def canny_shape_change(g):
     edges = g.node("Canny", image=img["IMAGE"], low_threshold=0.4, high_threshold=0.8)
     adapter = g.node("ControlNetLoader", control_net_name=ADAPTER)
     prompt = g.node("CLIPTextEncode", text=SHAPE_TARGET, clip=ckpt["CLIP"])
-    # ControlNetApply has the same inputs on every host (the Advanced node gained a `vae` input in 2024)
-    applied = g.node("ControlNetApply", conditioning=prompt[0], control_net=adapter[0], image=edges[0], strength=1.0)
+    negative = g.node("CLIPTextEncode", text="", clip=ckpt["CLIP"])
+    # Apply ControlNet (Advanced): the current core node on both hosts (plain Apply ControlNet is deprecated); its
+    # optional `vae` (newer hosts only) is not needed by T2I-Adapters.
+    applied = g.node("ControlNetApplyAdvanced", positive=prompt[0], negative=negative[0], control_net=adapter[0],
+                     image=edges[0], strength=1.0, start_percent=0.0, end_percent=1.0)
     canvas = g.node("SolidMask", value=0.0, width=512, height=512)
     box = g.node("SolidMask", value=1.0, width=224, height=320)
     region = g.node("MaskComposite", destination=canvas[0], source=box[0], x=144, y=112, operation="add")
     fused = g.node("AttnEditFusionWithAdapter", model=ckpt["MODEL"], clip=ckpt["CLIP"], inversion=inv["inversion"],
                    target_prompt=SHAPE_TARGET, mask=region[0], seed=0, start_step=0, layers="all",
-                   adapter=applied[0])
+                   adapter=applied["positive"])
     save(g, ckpt["VAE"], fused["latent"], "attnedit_masafusion")
     intermediate = g.node("VAEDecode", samples=fused["intermediate_latent"], vae=ckpt["VAE"])
     g.node("PreviewImage", images=intermediate[0])
@@ -31,9 +34,9 @@ def canny_shape_change(g):
            "2. The adapter hint says which SHAPE to draw: here Canny edges of the photo as a starting point. For a "
            "real shape change replace them with an edited sketch/edge map (draw the dog's outline), e.g. a Load "
            "Image of your drawing. Load ControlNet Model needs the T2I-Adapter file " + ADAPTER + " in "
-           "models/controlnet (any SD1.x T2I-Adapter or ControlNet works). Apply ControlNet's strength is the "
-           "adapter's cond_weight; Apply ControlNet (Advanced) also works (connect its positive output) and its "
-           "start/end percent act as cond_tau. Only the adapter is used, not that node's prompt.\n"
+           "models/controlnet (any SD1.x T2I-Adapter or ControlNet works). Apply ControlNet (Advanced): strength is the "
+           "adapter's cond_weight, start/end percent act as cond_tau; only the adapter on its positive output is "
+           "used, not that node's prompts.\n"
            "3. mask = edit region A (here a box over the cat built with mask nodes; better: paint it on Load "
            "Image with the mask editor and connect its MASK). Outside A the source image is kept through the "
            "source's self-attention; inside A the edit borrows the self-attention map of an intermediate image "

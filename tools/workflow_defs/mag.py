@@ -29,7 +29,7 @@ def mag_edit(g):
     mask = g.node("MaskComposite", destination=canvas["MASK"], source=box["MASK"], x=180, y=145, operation="add")
     g.node("PreviewImage", images=g.node("MaskToImage", mask=mask["MASK"])["IMAGE"])
     mag_chain(g, ckpt, img, mask, "attnedit_mag_edit")
-    g.note("MAG-Edit (Mao et al. 2024): put the edit exactly where the mask is.\n"
+    g.note("MAG-Edit (Mao et al. 2024): put the edit where the mask is (guided inside it, the source kept outside it).\n"
            "1. Mask: here a box over the cat (Solid Mask + Mask Composite). Any MASK works: paint one (LoadImage -> "
            "right-click -> Open in MaskEditor, use its MASK output) or use a SAM node.\n"
            "2. Invert Image: null_text, 50 steps, cfg 7.5 (the paper's setting).\n"
@@ -38,9 +38,11 @@ def mag_edit(g):
            "4. MAG-Edit Guidance: target_words = the NEW word(s) of the target prompt (weights: 'white=0.7, "
            "fluffy=0.3'). constraint token_ratio for colour/texture, spatial_ratio for stronger object/shape "
            "edits. max_iterations 15 x guidance_steps 25 as in the paper (lower both for speed: colour edits often "
-           "need only ~10 steps). scale 2.5 = step size (higher = stronger, more artefacts). blend_steps 15: the last "
-           "15 steps copy everything outside the mask from the source. negative_words lowers words' attention in the "
-           "mask.\n"
+           "need only ~10 steps). guidance_steps and blend_steps count steps of the paper's 50-step run and scale to "
+           "the inversion's steps (25 = the first half: 10 of 20 steps). scale 2.5 = step size (higher = stronger, "
+           "more artefacts). blend_steps 15: the last 15 of 50 steps copy everything outside the mask from the "
+           "source. negative_words lowers words' attention in the mask (put them in negative_words_prompt and "
+           "connect clip when they are also in the source prompt). word_masks: one mask per target word.\n"
            "5. Attention Edit Sampler, decode. Attention Heat Maps shows where 'white' attends in the result.")
 
 

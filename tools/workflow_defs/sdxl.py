@@ -48,7 +48,7 @@ def sdxl_mag_edit(g):
     mask = _box_mask(g, x=360, y=290, width=340, height=580)  # the cat of the example picture at 1024 px
     g.node("PreviewImage", images=g.node("MaskToImage", mask=mask["MASK"])["IMAGE"])
     mag_chain(g, ckpt, img, mask, "attnedit_sdxl_mag_edit", cfg=7.0, max_iterations=10, guidance_steps=15)
-    g.note("SDXL MAG-Edit: put the edit exactly where the mask is, at 1024 px.\n"
+    g.note("SDXL MAG-Edit: put the edit where the mask is (guided inside it, the source kept outside it), at 1024 px.\n"
            "Same chain as the SD1.5 MAG-Edit workflow: Invert Image (null_text, 50 steps) -> Prompt-to-Prompt "
            "Attention Hook (mode refine, cross 0.8, self 0.5; the target prompt adds the new word) -> MAG-Edit "
            "Guidance -> Attention Edit Sampler.\n"
@@ -60,8 +60,8 @@ def sdxl_mag_edit(g):
            "- SDXL cost: each guidance iteration is a forward+backward pass through SDXL's UNet up to its last "
            "32x32 layer (most of the model), several times the SD1.5 cost. This workflow uses max_iterations 10 x "
            "guidance_steps 15 instead of the paper's 15 x 25 (SD1.5); raise them for stronger edits, lower them "
-           "for speed. scale 2.5 = step size; blend_steps 15 copies everything outside the mask from the source in "
-           "the last 15 steps.\n"
+           "for speed (the step knobs count steps of a 50-step run and scale to the inversion's). scale 2.5 = step "
+           "size; blend_steps 15 copies everything outside the mask from the source in the last 15 of 50 steps.\n"
            "- cfg 7.0 suits SDXL; null-text inversion optimises for the cfg you invert with (both text encoders' "
            "null embeddings are optimised; the pooled and size conditioning stay the prompt's).")
 
