@@ -45,8 +45,19 @@ ALG1_ROLES = (SOURCE, T2I_BAR, T2I, TARGET_BAR, TARGET)
 ALG5_ROLES = (SOURCE, TARGET_BAR, TARGET)
 SOURCE_PROMPT_ROLES = frozenset({SOURCE, T2I_BAR, TARGET_BAR})  # rows conditioned on C^S (the others on C^T)
 
+PAPER_STEPS = 50  # the paper's DDIM schedule (Sec. 5 "Setup"): step knobs are given on a 50-step schedule
 LAYERS = ("all", "decoder")  # paper: "all the Attention_SA"; decoder: MasaCtrl's layers (up blocks, two finest levels)
 DECODER_MAX_LEVEL = 2  # MasaCtrl layers 10-15 = output blocks 6-11 = the 32x32 and 64x64 levels of a 64x64 latent
+
+
+def scaled_start_step(start_step: int, steps: int, paper_steps: int = PAPER_STEPS) -> int:
+    """The first fused step of a `steps`-step run for a start step given on the paper's 50-step schedule.
+
+    ceil(start_step * steps / 50): the same fraction of the run, so that any start_step > 0 still leaves at least one
+    unfused step (MasaCtrl's 4 of 50 is 1 of 10, 2 of 20, 4 of 50). The paper fuses from the first step (0).
+    Differences: the paper gives no rule for other step counts (it always runs 50 DDIM steps); rounding up is ours.
+    """
+    return -(-int(start_step) * int(steps) // int(paper_steps))
 
 
 def substituted_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

@@ -10,7 +10,8 @@ Pipeline of one image (paper "Methodology" and "Implementation"; reference notes
 3. Eq. 5: x_{t-1} = M_t * (denoised step of x_t) + (1 - M_t) * y_{t-1}, y the original re-noised with the same noise;
 4. finish: the last step's mask drives inpainting, with an SD inpainting model (9-channel input, ComfyUI's
    InpaintModelConditioning semantics) when one is connected, else masked denoising (Eq. 4 with a fixed mask) with
-   the same model.
+   the same model; "inpaint full frame" lets the 9-channel model repaint the whole frame as the reference's
+   diffusers inpainting pipeline does.
 
 UNet passes per image (S steps, strength r, finish denoise d, CFG > 1): int(S * r) batched calls of 2n rows (mask
 phase) + int(S * d) calls of 2 rows (finish); no other pass. At the defaults (S 50, r 0.5, n 3, d 1): 25 calls of
@@ -20,9 +21,10 @@ Differences from the reference code:
 - DDIM (eta 0, ComfyUI's ddim_uniform timesteps) instead of the LMS scheduler, in both phases;
 - y is re-noised to the level the step arrives at (sigma_{t-1}); the reference re-noises to the level it left, a
   half-step mismatch on an auxiliary trajectory that is never decoded;
-- the finish starts from x_0 + sigma_max * eps inside the mask (ComfyUI's k-diffusion form) and keeps the original
-  outside it at every step, as ComfyUI does for an inpainting latent with a noise mask; the reference's diffusers
-  inpainting pipeline runs the 9-channel model without latent blending.
+- the default finish ("inpaint") starts from x_0 + sigma_max * eps inside the mask (ComfyUI's k-diffusion form) and
+  keeps the original outside it at every step, as ComfyUI does for an inpainting latent with a noise mask; the
+  reference's diffusers inpainting pipeline runs the 9-channel model without latent blending ("inpaint full frame").
+  With the node's feathered paste-back the regenerated region is the mask grown by `finish_cells` latent cells.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ STEPS = 50  # sampler steps (paper)
 CFG = 7.5  # guidance scale (paper)
 SEEDS = 3  # n: parallel denoising rounds whose attention is averaged (paper)
 FINISH_DENOISE = 1.0  # the reference's inpainting pipeline runs at its default strength 1.0
-FINISHES = ("inpaint", "blend only")
+FINISHES = ("inpaint", "blend only", "inpaint full frame")  # full frame: the reference's inpainting pipeline
 TARGET = "target"
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]

@@ -14,13 +14,16 @@ word maps [W, H, W'] one per prompt word upsampled to the latent grid, roles = P
 Differences (all follow the reference code where the paper is silent, see docs/instdiffedit.md):
 - the start token's map is inverted (1 - map) before Eq. 6: in Stable Diffusion the start token soaks up attention
   *outside* the objects, so its complement is what "overlaps the edit region";
-- maps are compared after up-sampling to the latent grid and min-max normalisation (the reference compares 64x64
-  uint8 images); words made of several tokens use the mean of their tokens' maps;
+- maps are compared after up-sampling to the latent grid with PIL's bicubic filter (Keys a = -0.5, as the reference's
+  `Image.resize`) and min-max normalisation; the reference quantises every map to 8 bits before and after resizing
+  while the pack keeps floats (similarities then differ by a few 1e-3: a word within that distance of gamma1 or
+  gamma2 can still take another role); words made of several tokens use the mean of their tokens' maps;
 - Eq. 8 uses >= / <= at the thresholds (reference) and A_ref = relu(minmax(mean of +1 maps) - minmax(mean of -1
   maps)) instead of the plain signed sum, so that the threshold phi applies to a map in [0, 1];
 - a prompt with one word uses that word's map; a prompt with no word uses the inverted start-token map;
-- the Gaussian filter (5x5, sigma 1.1 = OpenCV's automatic sigma for a 5x5 kernel) is applied twice, then the map is
-  min-max normalised before the threshold (reference `post_deal`).
+- the Gaussian filter is OpenCV's `GaussianBlur(5x5, sigma 0)`: for ksize 5 and sigma 0 OpenCV uses its fixed binomial
+  table [1, 4, 6, 4, 1] / 16 (separable, reflect-101 borders), not a computed sigma; it is applied twice, then the map
+  is min-max normalised before the threshold (reference `post_deal`).
 
 Degenerate maps: a map without spatial contrast (all zero, all one, any constant) carries no location, normalises to
 zeros, has cosine 0 with everything, and yields an EMPTY mask (nothing to edit) -- never NaN.
@@ -36,9 +39,11 @@ import torch.nn.functional as F
 GAMMA1 = 0.9  # Eq. 8 upper threshold (paper "Implementation"; reference InstDiffEdit.py)
 GAMMA2 = 0.6  # Eq. 8 lower threshold (paper; the reference's sample_use.py uses 0.3)
 PHI = 0.2  # Eq. 9 binarisation threshold (paper; reference run.sh; sample_use.py uses 0.3)
-BLUR_KERNEL = 5  # reference post_deal: GaussianBlur 5x5
-BLUR_SIGMA = 1.1  # OpenCV's sigma for ksize 5 and sigma 0: 0.3 * ((5 - 1) / 2 - 1) + 0.8
+BLUR_TAPS = (1.0, 4.0, 6.0, 4.0, 1.0)  # reference post_deal: cv2.GaussianBlur((5, 5), 0) = OpenCV's fixed 5-tap table / 16
 BLUR_PASSES = 2  # reference applies the blur twice
+BICUBIC_A = -0.5  # PIL's bicubic kernel parameter (the reference resizes with PIL); torch's bicubic uses -0.75
+FEATHER = 16  # px: width of the paste-back's soft edge (not in the paper: the reference has no paste-back)
+LATENT_CELL = 8  # px per latent cell (SD VAEs)
 INVERT_START_MAP = True  # reference: the start token's map is compared inverted (255 - x)
 EPS = 1e-12
 
@@ -71,11 +76,42 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(den > EPS, (a @ b) / den.clamp_min(EPS), torch.zeros_like(den))
 
 
+def cubic(x: torch.Tensor, a: float = BICUBIC_A) -> torch.Tensor:
+    """Keys' cubic convolution kernel with parameter `a` (PIL `bicubic_filter`), support [-2, 2]."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] float64 weights of PIL's bicubic resampling along one axis (Pillow `precompute_coeffs`).
+
+    Output pixel i is centred at (i + 0.5) * n_in / n_out; the kernel is stretched by the scale when shrinking
+    (antialias); taps outside the image are dropped and the remaining weights renormalised (no border padding).
+    """
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    center = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
+    lo = torch.floor(center - support + 0.5).clamp_min(0)[:, None]
+    hi = torch.floor(center + support + 0.5).clamp_max(n_in)[:, None]
+    j = torch.arange(n_in, dtype=torch.float64)[None]
+    w = cubic((j - center[:, None] + 0.5) / stretch) * ((j >= lo) & (j < hi))
+    total = w.sum(1, keepdim=True)
+    return torch.where(total != 0, w / torch.where(total != 0, total, torch.ones_like(total)), w)
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[K, h, w] attention-grid maps -> [K, H, W] on the latent grid (bilinear)."""
+    """[K, h, w] attention-grid maps -> [K, H, W] on the latent grid, bicubic as PIL's `Image.resize` (reference).
+
+    Differences: float maps (the reference resizes 8-bit images and re-quantises them).
+    """
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps.float()
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    rows = resize_weights(maps.shape[-2], size[0]).to(maps.device)
+    cols = resize_weights(maps.shape[-1], size[1]).to(maps.device)
+    return torch.einsum("ih,khw,jw->kij", rows, maps.double(), cols).float()
 
 
 def word_maps(maps: torch.Tensor, words: list[list[int]], start: int, size: tuple[int, int]
@@ -141,20 +177,19 @@ def refined_map(per_word: torch.Tensor, start_map: torch.Tensor, roles: InstantR
     return (obj - minmax(per_word[neg].mean(0))).clamp_min(0.0)
 
 
-def gaussian_kernel(size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """Normalised 2-D Gaussian kernel [size, size]."""
-    ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-(ax**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
+def blur_kernel() -> torch.Tensor:
+    """OpenCV's 5x5 Gaussian for sigma 0: the outer product of [1, 4, 6, 4, 1] / 16 with itself [5, 5]."""
+    taps = torch.tensor(BLUR_TAPS, dtype=torch.float32)
+    taps = taps / taps.sum()
+    return taps[:, None] * taps[None, :]
 
 
-def gaussian_blur(m: torch.Tensor, passes: int = BLUR_PASSES, size: int = BLUR_KERNEL,
-                  sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """Gaussian filtering of Eq. 9 on a [H, W] map, `passes` times, reflected borders (OpenCV's default)."""
+def gaussian_blur(m: torch.Tensor, passes: int = BLUR_PASSES) -> torch.Tensor:
+    """Gaussian filtering of Eq. 9 on a [H, W] map, `passes` times: cv2.GaussianBlur(m, (5, 5), 0), whose default
+    border BORDER_REFLECT_101 is torch's "reflect" padding (maps thinner than 3 cells replicate their edge)."""
     x = m.float()[None, None]
-    kernel = gaussian_kernel(size, sigma).to(x)[None, None]
-    pad = size // 2
+    kernel = blur_kernel().to(x)[None, None]
+    pad = len(BLUR_TAPS) // 2
     for _ in range(passes):
         mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
         x = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode=mode), kernel)
@@ -183,3 +218,24 @@ def instant_mask(maps: torch.Tensor, words: list[list[int]], size: tuple[int, in
         roles = instant_roles(per_word, ref, gamma1, gamma2, index)
     refined = refined_map(per_word, ref, roles)
     return binarize(refined, phi, blur_passes), minmax(refined), roles
+
+
+def feather_weights(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Paste-back weights [B, H, W] of a MASK [B, H, W]: 1 on the mask, falling linearly to 0 over `radius` px around
+    it: (radius + 1 - d) / (radius + 1) at Chebyshev distance d, i.e. the mean of the mask dilated by 0..radius px.
+
+    Not in the paper (InstDiffEdit's reference returns the inpainting pipeline's full frame): the pack's finish keeps
+    the original outside the mask, and this ramp hides the 8-px latent-cell edge of that mask.
+    """
+    grown = mask.float()[:, None]
+    total = grown.clone()
+    for _ in range(max(int(radius), 0)):
+        grown = F.max_pool2d(grown, 3, 1, 1)
+        total = total + grown
+    return (total / (max(int(radius), 0) + 1))[:, 0]
+
+
+def finish_cells(radius: int, cell: int = LATENT_CELL) -> int:
+    """Latent cells by which the finish regenerates beyond the mask so that the feathered band (`radius` px) lies on
+    regenerated pixels and the latent-cell edge one cell further out, where the paste-back weight is 0."""
+    return -(-int(radius) // cell) + 1 if radius > 0 else 0

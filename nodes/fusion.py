@@ -13,7 +13,7 @@ from ..inversion import comfy_model
 from ..inversion import fusion as inv_fusion
 from ..inversion.conditioning import single_entry
 from ..masks.ops import as_mask_batch, aspect_mismatch, mask_to_grid
-from .common import AttnEditError, check_inversion_model, wrap_errors
+from .common import AttnEditError, check_inversion_model, warn, wrap_errors
 from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -28,7 +28,8 @@ class AttnEditFusionWithAdapter:
         "the wanted shape) an intermediate image is generated from fresh noise: it follows the adapter and the target "
         "prompt inside the mask and the source image outside it (Eq. 9). The edited image starts from the inverted "
         "noise outside the mask and the intermediate's noise inside; inside the mask it borrows the intermediate's "
-        "self-attention map, outside it the source's self-attention (Eq. 10). Without an adapter it runs the "
+        "self-attention map, outside it the source's self-attention (Eq. 10); the adapter reaches its passes too "
+        "(Alg. 1 line 8; `adapter_on_target`). Without an adapter it runs the "
         "paper's adapter-free variant (App. C, Alg. 5). Use a direct inversion (fast) or null-text inversion.")
     CATEGORY = CAT_TECHNIQUES
     FUNCTION = "edit"
@@ -59,8 +60,10 @@ class AttnEditFusionWithAdapter:
                                  "tooltip": "Seed of the Gaussian noise x the intermediate image starts from (also "
                                             "the target's noise inside the mask). The result depends on it."}),
                 "start_step": ("INT", {"default": 0, "min": 0, "max": 1000,
-                                       "tooltip": "Self-attention fusion starts at this step (0 = all steps, the "
-                                                  "paper's masked setting; MasaCtrl uses 4)."}),
+                                       "tooltip": "Self-attention fusion starts at this step of a 50-step schedule, "
+                                                  "scaled to the inversion's steps (rounded up: 4 = step 1 of 10, 2 "
+                                                  "of 20, 4 of 50). 0 = all steps, the paper's masked setting; "
+                                                  "MasaCtrl uses 4."}),
                 "layers": (list(attn_fusion.LAYERS), {"default": "all",
                                                       "tooltip": "Self-attention layers that fuse: all (paper) or "
                                                                  "decoder (MasaCtrl's up-block layers at the two "
@@ -75,15 +78,16 @@ class AttnEditFusionWithAdapter:
                 "source_prompt": ("STRING", {"multiline": True, "default": "",
                                              "tooltip": "Empty = the inversion's source prompt. If given, it must "
                                                         "equal the Invert node's prompt."}),
-                "adapter_on_target": ("BOOLEAN", {"default": False,
-                                                  "tooltip": "Also feed the adapter to the edited image's passes "
-                                                             "(Alg. 1 line 8 literally). Off: only the intermediate "
-                                                             "image sees it, so an empty mask returns the source."}),
+                "adapter_on_target": ("BOOLEAN", {"default": True,
+                                                  "tooltip": "Feed the adapter to the edited image's passes too "
+                                                             "(paper: Alg. 1 line 8, Eq. 10 carry C^t2i). Off: only "
+                                                             "the intermediate image sees it, so an empty mask "
+                                                             "returns the source exactly."}),
             },
         }
 
     def edit(self, model, clip, inversion, target_prompt, mask, seed, start_step, layers, adapter=None,
-             source_prompt="", adapter_on_target=False):
+             source_prompt="", adapter_on_target=True):
         return wrap_errors(FUSION, self._edit, model, clip, inversion, target_prompt, mask, seed, start_step, layers,
                            adapter, source_prompt, adapter_on_target)
 
@@ -106,7 +110,7 @@ class AttnEditFusionWithAdapter:
         _check_adapter_family(control, comfy_model.model_family(model))
         target = comfy_model.encode_text(clip, target_prompt)
         sources = attn_fusion.ALG1_SOURCES if control is not None else attn_fusion.ALG5_SOURCES
-        patched = hooks.add_controller(model, attn_fusion.MaskedSelfAttentionFusion(sources, int(start_step), layers))
+        patched = hooks.add_controller(model, fusion_controller(sources, int(start_step), layers, inversion.steps))
         roles = {attn_fusion.T2I_BAR, attn_fusion.T2I}
         if adapter_on_target:
             roles |= {attn_fusion.TARGET_BAR, attn_fusion.TARGET}
@@ -125,6 +129,16 @@ class AttnEditFusionWithAdapter:
         device = comfy_model.intermediate_device()
         raw = lambda xs: {"samples": comfy_model.latent_to_raw(model, torch.stack(xs)).to(device)}  # noqa: E731
         return (raw(targets), raw(intermediates), raw(sources_out))
+
+
+def fusion_controller(sources, start_step: int, layers: str, steps: int) -> attn_fusion.MaskedSelfAttentionFusion:
+    """The node's controller: `start_step` (50-step schedule) scaled to the run; warns when it is past the end."""
+    first = attn_fusion.scaled_start_step(start_step, steps)
+    if first >= steps:
+        warn(FUSION, f"`start_step` {start_step} is step {first} of this {steps}-step run, past its last step "
+                     f"({steps - 1}): the self-attention fusion never runs and the edit is plain prompt-split "
+                     f"sampling. Lower `start_step` below {attn_fusion.PAPER_STEPS} (0 = the paper's setting).")
+    return attn_fusion.MaskedSelfAttentionFusion(sources, first, layers)
 
 
 def _regions(mask, batch: int, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -198,8 +212,9 @@ class AttnEditEmbCtrl:
         "token embeddings everywhere except at the changed words. CLIP is causal, so editing 'brown' to 'pink' in "
         "'a woman with brown hair' normally changes the embedding of every later token ('hair', end of text, "
         "padding) and with it unrelated details such as the face; EmbCtrl keeps them. For colour, material or "
-        "background edits that keep shapes. Connect to Attention Edit Sampler's `target` (with or without attention "
-        "hooks) or to any sampler's positive input.")
+        "background edits that keep shapes. Connect to Attention Edit Sampler's `target` on a MODEL without a "
+        "Prompt-to-Prompt or CPAM hook (those hooks carry their own target prompt and the sampler accepts only that "
+        "one), or to any sampler's positive input.")
     CATEGORY = CAT_TECHNIQUES
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING", "STRING")

@@ -13,7 +13,7 @@ from ..inversion.instant import InstantSettings
 from ..inversion.schedule import ddim_sigmas
 from ..masks import instant as instant_mask
 from ..masks import ops
-from .common import AttnEditError, crop_to_multiple, wrap_errors
+from .common import AttnEditError, crop_to_multiple, warn, wrap_errors
 from .types import CAT_TECHNIQUES
 
 log = logging.getLogger("attention_edit")
@@ -26,7 +26,9 @@ class AttnEditInstantEdit:
         "painted mask. The photo is partly noised (strength) and denoised with n seeds in parallel; at every step "
         "the model's own cross-attention gives an instant mask of the region the text is about, and only that region "
         "is regenerated. The last mask then drives an inpainting pass: with an SD inpainting checkpoint when one is "
-        "connected, otherwise masked denoising with the same model. Outputs the edited image, the mask and the latent.")
+        "connected, otherwise masked denoising with the same model; the original pixels are pasted back outside the "
+        "mask through a soft edge (`feather`), or the inpainting checkpoint repaints the full frame as in the "
+        "paper's code. Outputs the edited image, the mask and the latent.")
     CATEGORY = CAT_TECHNIQUES
     FUNCTION = "edit"
     RETURN_TYPES = ("IMAGE", "MASK", "LATENT")
@@ -72,53 +74,73 @@ class AttnEditInstantEdit:
                                      "tooltip": "Words less similar than this are subtracted as background (paper "
                                                 "0.6)."}),
                 "finish": (list(engine.FINISHES), {"default": engine.FINISHES[0],
-                                                   "tooltip": "inpaint: regenerate the final mask's region (paper). "
-                                                              "blend only: keep the mask phase's own result (Eq. 5, "
-                                                              "faster, may show seams)."}),
+                                                   "tooltip": "inpaint: regenerate the final mask's region, keep the "
+                                                              "rest. blend only: keep the mask phase's own result "
+                                                              "(Eq. 5, faster, may show seams). inpaint full frame: "
+                                                              "the inpainting checkpoint repaints the whole picture "
+                                                              "from the mask, as the paper's code (needs "
+                                                              "`inpaint_model`)."}),
                 "finish_denoise": ("FLOAT", {"default": engine.FINISH_DENOISE, "min": 0.02, "max": 1.0,
                                              "step": 0.01, "tooltip": "Noise strength of the inpainting finish "
                                                                       "(1.0 = regenerate the region from noise)."}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": "",
                                                "tooltip": "Negative prompt of both phases (empty in the paper)."}),
-                "paste_back": ("BOOLEAN", {"default": False,
+                "paste_back": ("BOOLEAN", {"default": True,
                                            "tooltip": "Copy the original pixels outside the mask into the result "
-                                                      "(removes VAE round-trip drift outside the edit)."}),
+                                                      "through a soft edge of `feather` px (removes VAE round-trip "
+                                                      "drift outside the edit and the 8-px block edge of the mask)."}),
+                "feather": ("INT", {"default": instant_mask.FEATHER, "min": 0, "max": 256, "step": 1,
+                                    "tooltip": "Width in px of the paste-back's soft edge (with paste_back on): "
+                                               "the original fades in linearly over this distance outside the "
+                                               "mask, and the inpaint finish regenerates that band too. 0 = hard "
+                                               "8-px block edge."}),
             },
         }
 
     def edit(self, image, model, clip, vae, edit_text, inpaint_model=None, strength=engine.STRENGTH,
              steps=engine.STEPS, cfg=engine.CFG, seeds=engine.SEEDS, seed=0, phi=instant_mask.PHI,
              gamma1=instant_mask.GAMMA1, gamma2=instant_mask.GAMMA2, finish=engine.FINISHES[0],
-             finish_denoise=engine.FINISH_DENOISE, negative_prompt="", paste_back=False):
+             finish_denoise=engine.FINISH_DENOISE, negative_prompt="", paste_back=True,
+             feather=instant_mask.FEATHER):
         settings = InstantSettings(float(strength), int(steps), float(cfg), int(seeds), float(phi), float(gamma1),
                                    float(gamma2), finish, float(finish_denoise))
         return wrap_errors(NODE, _edit, image, model, clip, vae, edit_text, inpaint_model, settings, int(seed),
-                           negative_prompt, bool(paste_back))
+                           negative_prompt, bool(paste_back), int(feather))
 
 
 def _finish_model(model, inpaint_model, settings):
-    """(model of the finish or None for 'blend only', whether it takes the inpainting inputs)."""
+    """(model of the finish or None for 'blend only', whether it takes the inpainting inputs, whether it repaints the
+    full frame)."""
     if settings.finish not in engine.FINISHES:
         raise AttnEditError(NODE, f"`finish` {settings.finish!r} is unknown; choose {' or '.join(engine.FINISHES)}")
-    if settings.finish != "inpaint":
-        return None, False
-    if inpaint_model is None:
-        return model, False
-    family, inpaint_family = comfy_model.model_family(model), comfy_model.model_family(inpaint_model)
-    if family != inpaint_family:
-        raise AttnEditError(NODE, f"`inpaint_model` is {inpaint_family} but `model` is {family}; connect an "
-                                  "inpainting checkpoint of the same family (its text encoder must match `clip`)")
-    if not engine.is_inpaint_model(inpaint_model):
-        log.warning("%s: `inpaint_model` is not an inpainting checkpoint (no mask input channels); it is used for "
-                    "masked denoising", NODE)
-    return inpaint_model, engine.is_inpaint_model(inpaint_model)
+    if settings.finish == "blend only":
+        return None, False, False
+    nine_channels = False
+    if inpaint_model is not None:
+        family, inpaint_family = comfy_model.model_family(model), comfy_model.model_family(inpaint_model)
+        if family != inpaint_family:
+            raise AttnEditError(NODE, f"`inpaint_model` is {inpaint_family} but `model` is {family}; connect an "
+                                      "inpainting checkpoint of the same family (its text encoder must match `clip`)")
+        nine_channels = engine.is_inpaint_model(inpaint_model)
+        if not nine_channels:
+            log.warning("%s: `inpaint_model` is not an inpainting checkpoint (no mask input channels); it is used "
+                        "for masked denoising", NODE)
+    full_frame = settings.finish == "inpaint full frame"
+    if full_frame and not nine_channels:
+        warn(NODE, "`finish` 'inpaint full frame' needs an SD inpainting checkpoint (9-channel UNet) on "
+                   "`inpaint_model`; without one the finish is 'inpaint' (masked denoising). Connect an inpainting "
+                   "checkpoint or choose 'inpaint'.")
+        full_frame = False
+    return (model if inpaint_model is None else inpaint_model), nine_channels, full_frame
 
 
-def _edit(image, model, clip, vae, text, inpaint_model, settings, seed, negative_prompt, paste_back):
+def _edit(image, model, clip, vae, text, inpaint_model, settings, seed, negative_prompt, paste_back, feather):
     comfy_model.require_family(model, NODE)
     if not text.strip():
         raise AttnEditError(NODE, "`edit_text` is empty; describe the edited picture, e.g. 'a photo of a dog'")
-    finish_model, takes_inpaint_inputs = _finish_model(model, inpaint_model, settings)
+    if feather < 0:
+        raise AttnEditError(NODE, f"`feather` {feather} is negative; use 0 (hard edge) or a width in pixels")
+    finish_model, takes_inpaint_inputs, full_frame = _finish_model(model, inpaint_model, settings)
     image = crop_to_multiple(image, 8, NODE)[..., :3]
     with engine.seeded(seed):
         latents = comfy_model.vae_encode(vae, image).float()
@@ -141,19 +163,26 @@ def _edit(image, model, clip, vae, text, inpaint_model, settings, seed, negative
         if finish_model is None:
             final = comfy_model.latent_to_raw(model, rows[:1])
         else:
+            # the region the finish regenerates: the whole frame, or the mask grown under the feathered band
+            if full_frame:
+                region, region_img = torch.ones_like(mask), mask_img
+            else:
+                region = ops.dilate(mask, instant_mask.finish_cells(feather) if paste_back else 0)
+                region_img = ops.grid_to_image(region, image_hw)
             pos, neg = positive, negative
             if takes_inpaint_inputs:
                 with engine.seeded(seed):
-                    concat = comfy_model.vae_encode(vae, engine.inpaint_pixels(image[b:b + 1], mask_img))
-                pos, neg = (engine.with_inpaint_inputs(c, concat, mask_img) for c in (positive, negative))
+                    concat = comfy_model.vae_encode(vae, engine.inpaint_pixels(image[b:b + 1], region_img))
+                pos, neg = (engine.with_inpaint_inputs(c, concat, region_img) for c in (positive, negative))
             f_sigmas = ddim_sigmas(comfy_model.sigma_table(finish_model), settings.steps)
-            final = engine.finish_phase(finish_model, pos, neg, latents[b:b + 1], f_sigmas, noise[:1], mask,
+            final = engine.finish_phase(finish_model, pos, neg, latents[b:b + 1], f_sigmas, noise[:1], region,
                                         settings, progress.update)
             final = comfy_model.latent_to_raw(finish_model, final)
         final = final.to(comfy_model.intermediate_device()).float()
         decoded = comfy_model.vae_decode(vae, final)[..., :3].float().to(image.device)
         if paste_back:
-            decoded = engine.blend(decoded, image[b:b + 1].float(), mask_img[..., None].to(decoded))
+            weights = instant_mask.feather_weights(mask_img, feather)[..., None].to(decoded)
+            decoded = engine.blend(decoded, image[b:b + 1].float(), weights)
         results.append(decoded)
         masks.append(mask_img)
         finals.append(final)

@@ -110,3 +110,77 @@ def test_usable_with_the_edit_sampler_and_core_samplers(tiny):
         out = nodes.KSampler().sample(tiny.model, 1, 2, 5.0, "euler", "normal", ctrl, negative,
                                       make_latent(seed=3), denoise=1.0)[0]["samples"]
     assert torch.isfinite(out).all()
+
+
+def test_75_tokens_fit_and_76_are_rejected(tiny):
+    """One CLIP chunk holds SOT + 75 tokens + EOT: a 75-token prompt is aligned position by position (its last token
+    changed, EOT kept), one token more is an error naming the prompt."""
+    src = tokens.tokenize_prompt(tiny.clip, "a " * 75)
+    tgt = tokens.tokenize_prompt(tiny.clip, "a " * 74 + "b")
+    assert src.chunks == 1 and src.last_word_position() == 75
+    index = embctrl.source_index(src, tgt, "same token count only")
+    assert index[75] == -1 and index[:75].tolist() == list(range(75)) and index[76] == 76
+    longer = tokens.tokenize_prompt(tiny.clip, "a " * 76)
+    with pytest.raises(tokens.PromptError, match="longer than 75 tokens"):
+        embctrl.source_index(longer, tgt)
+
+
+def test_description_says_where_the_sampler_takes_it(tiny):
+    """The node's text must not promise hooks the sampler refuses: with a Prompt-to-Prompt hook on the MODEL the
+    edit sampler insists on the hook's own target prompt, so an EmbCtrl target is an error there (and works on the
+    plain MODEL, test above)."""
+    import nodes
+
+    description = nodes.NODE_CLASS_MAPPINGS["AttnEditEmbCtrl"].DESCRIPTION
+    assert "with or without attention hooks" not in description
+    assert "without a Prompt-to-Prompt or CPAM hook" in description
+    src_text, tgt_text = "a woman with brown hair", "a woman with pink hair"
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=src_text, method="direct",
+                    steps=3, cfg=7.5, latent=make_latent(seed=2))[0]
+    hooked, _ = call_node("AttnEditAttentionHook", model=tiny.model, clip=tiny.clip, source_prompt=src_text,
+                          target_prompt=tgt_text, mode="replace", cross_replace=0.8, self_replace=0.4)
+    ctrl, _ = emb_ctrl(tiny.clip, src_text, tgt_text)
+    with pytest.raises(ValueError, match="`target` is not the attention hook's target prompt"):
+        call_node("AttnEditEditSampler", model=hooked, inversion=inv, target=ctrl)
+
+
+class TargetKeys(pkg("attention.run").Controller):
+    """Test controller: per step, the largest difference between the target row's and the source row's cross-attention
+    keys (cond chunk) at every token position except `changed`; leaves the output unchanged."""
+
+    EDITS_OUTPUT = True
+
+    def __init__(self, changed):
+        self.changed, self.gap = changed, {}
+
+    def active(self, call):
+        return call.kind == "cross" and call.run is not None
+
+    def edit_output(self, call, out):
+        src, tgt = call.role_rows(0, "source"), call.role_rows(0, "target")
+        keep = [j for j in range(call.k.shape[1]) if j not in self.changed]
+        gap = float((call.k[tgt][:, keep] - call.k[src][:, keep]).abs().max())
+        self.gap[call.step] = max(self.gap.get(call.step, 0.0), gap)
+        return out
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_chain_reads_the_source_embedding_at_every_step(tiny, steps):
+    """Invert -> EmbCtrl -> Attention Edit Sampler at 10, 20 and 50 steps: at every step the target row's
+    cross-attention keys equal the source row's everywhere but the changed token (Eq. 12 holds for the whole run);
+    with the plain target prompt they differ after the changed word."""
+    hooks = pkg("attention.hooks")
+    src_text, tgt_text = "a woman with brown hair", "a woman with pink hair"
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=src_text, method="direct",
+                    steps=steps, cfg=7.5, latent=make_latent(size=8, seed=2))[0]
+    changed = tokens.tokenize_prompt(tiny.clip, tgt_text).find_text("pink")
+    ctrl, _ = emb_ctrl(tiny.clip, src_text, tgt_text)
+    for target, expect_equal in ((ctrl, True), (comfy_model.encode_text(tiny.clip, tgt_text), False)):
+        recorder = TargetKeys(changed)
+        call_node("AttnEditEditSampler", model=hooks.add_controller(tiny.model, recorder), inversion=inv,
+                  target=target)
+        assert sorted(recorder.gap) == list(range(steps))
+        if expect_equal:
+            assert max(recorder.gap.values()) < 1e-5
+        else:
+            assert min(recorder.gap.values()) > 1e-3

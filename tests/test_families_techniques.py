@@ -312,7 +312,7 @@ def test_fusion_with_an_sdxl_t2i_adapter(models, inversions, adapters):
     assert float((i1 - i2).abs().max()) > 1e-2, "a different hint must change the intermediate image"
     assert not torch.allclose(t1, t2, atol=1e-3) and torch.equal(s1, s2)
     target, intermediate, source = fuse(models, inversions, "sdxl", adapter_cond(clip, adapters["sdxl"], 1),
-                                        mask=torch.zeros(1, 64, 64))
+                                        mask=torch.zeros(1, 64, 64), adapter_on_target=False)
     assert torch.allclose(target, source, atol=5e-2, rtol=0) and not torch.allclose(intermediate, source, atol=1e-2)
 
 
@@ -444,7 +444,7 @@ def test_instant_edit_with_an_sdxl_inpainting_finish(models, vae):
     out, mask, latent = call_node(
         "AttnEditInstantEdit", image=image, model=count_unet_calls(model, base_log), clip=clip, vae=vae,
         edit_text="a photo of a dog on grass", steps=4, inpaint_model=count_unet_calls(inpaint, inpaint_log),
-        paste_back=True, phi=0.5)
+        paste_back=True, phi=0.5, feather=0)
     assert 0 < float(mask.mean()) < 1, "the test needs a mask with an inside and an outside"
     # mask phase int(4 * 0.5) batched calls of 2n rows; the finish 4 calls of 2 rows, with the mask (1 channel) and the
     # masked image's latent (4) concatenated to the SDXL inpainting UNet's input
@@ -463,7 +463,7 @@ def test_instant_edit_on_sd2_v_prediction_keeps_the_outside(models, vae):
     model, clip = models["sd2v"]
     image = make_image(size=128, seed=3)
     out, mask, latent = call_node("AttnEditInstantEdit", image=image, model=model, clip=clip, vae=vae,
-                                  edit_text="a photo of a dog on grass", steps=4, seeds=2, phi=0.5)
+                                  edit_text="a photo of a dog on grass", steps=4, seeds=2, phi=0.5, feather=0)
     assert 0 < float(mask.mean()) < 1
     with torch.inference_mode(), pkg("inversion.instant").seeded(0):
         x0 = comfy_model.vae_encode(vae, image).float()

@@ -219,7 +219,8 @@ def test_control_rows_are_zeroed_outside_the_kept_roles():
 def test_empty_region_returns_the_source_reconstruction(tiny, inversions, adapter_net, method):
     empty = torch.zeros(1, 64, 64)
     inv = inversions[method]
-    target, intermediate, source = run_node(tiny, inv, adapter_cond(tiny, adapter_net), mask=empty)
+    target, intermediate, source = run_node(tiny, inv, adapter_cond(tiny, adapter_net), mask=empty,
+                                            adapter_on_target=False)
     # Exact in maths (see the loop test above); in one UNet batch, rows with equal inputs differ by ~1e-5 (the CPU
     # attention kernel chunks the batch), which the random tiny model amplifies over the steps. A wrong target (no
     # offsets, adapter or target prompt leaking) differs by tens here.
@@ -247,12 +248,20 @@ def test_the_tiny_adapter_drives_the_intermediate_only(tiny, inversions, adapter
     assert torch.equal(i0, s0) and torch.equal(t0, t5)
 
 
-def test_adapter_on_target_reaches_the_target_rows(tiny, inversions, adapter_net):
+def test_adapter_reaches_the_target_rows_by_default(tiny, inversions, adapter_net):
+    """Alg. 1 line 8 / Eq. 10: the target's passes carry C^t2i. By default (unset input) the adapter reaches the
+    target rows; adapter_on_target off keeps it on the intermediate only."""
     inv = inversions["direct"]
     empty = torch.zeros(1, 64, 64)
     cond = adapter_cond(tiny, adapter_net, hint_seed=1)
-    target, _, source = run_node(tiny, inv, cond, mask=empty, adapter_on_target=True)
-    assert not torch.allclose(target, source, atol=1e-3)
+    default, _, source = run_node(tiny, inv, cond, mask=empty)
+    assert not torch.allclose(default, source, atol=1e-3)
+    explicit, _, _ = run_node(tiny, inv, cond, mask=empty, adapter_on_target=True)
+    assert torch.equal(default, explicit)
+    off, _, _ = run_node(tiny, inv, cond, mask=empty, adapter_on_target=False)
+    assert torch.allclose(off, source, atol=5e-2, rtol=0) and not torch.allclose(off, default, atol=1e-3)
+    node = pkg("nodes.fusion").AttnEditFusionWithAdapter
+    assert node.INPUT_TYPES()["optional"]["adapter_on_target"][1]["default"] is True
 
 
 class Recorder(run_mod.Controller):
@@ -328,11 +337,13 @@ def test_alg5_target_attends_to_the_source_keys_and_values(tiny, inversions):
             assert torch.equal(out[b], out[s])
 
 
-def test_fusion_after_the_last_step_equals_plain_region_split_sampling(tiny, inversions):
-    """start_step past the schedule: no substitution at all; then each stream is the plain eps of its prompt split by A
-    (a different sampler built from the engine's pieces must agree bit for bit)."""
+def test_fusion_after_the_last_step_equals_plain_region_split_sampling(tiny, inversions, caplog):
+    """start_step past the schedule: no substitution at all (and a warning naming the knob); then each stream is the
+    plain eps of its prompt split by A (a different sampler built from the engine's pieces must agree bit for bit)."""
     inv = inversions["direct"]
-    target, _, source = run_node(tiny, inv, None, start_step=1000)
+    with caplog.at_level("WARNING"):
+        target, _, source = run_node(tiny, inv, None, start_step=1000)
+    assert "`start_step` 1000 is step 100 of this 5-step run" in caplog.text
     comfy_model = pkg("inversion.comfy_model")
     tgt_cond = comfy_model.encode_text(tiny.clip, TGT)
     area = (region()[:, ::8, ::8] > 0.5).float()[None]
@@ -426,3 +437,101 @@ def test_runner_swaps_adapter_loaders_only_for_the_tiny_model():
         run_workflow.resolve_adapters(copy.deepcopy(prompt), tiny=False)
     assert run_workflow.resolve_adapters(prompt, tiny=True) == ["1"]
     assert prompt["1"]["class_type"] == run_workflow.TINY_ADAPTER_LOADER
+
+
+# ------------------------------------------------------------------------------------------------ any step count
+def test_start_step_is_given_on_the_papers_50_steps_and_scales_up():
+    scaled = fusion.scaled_start_step
+    assert [scaled(0, n) for n in (1, 10, 20, 50)] == [0, 0, 0, 0]  # the paper: fusion from the first step
+    assert [scaled(4, n) for n in (10, 20, 50, 100)] == [1, 2, 4, 8]  # MasaCtrl's 4 of 50
+    assert [scaled(5, 10), scaled(6, 10), scaled(1, 10), scaled(49, 10), scaled(50, 50)] == [1, 2, 1, 10, 50]
+    assert fusion.PAPER_STEPS == 50
+
+
+class FusedSteps(run_mod.Controller):
+    """Test controller after the fusion (Alg. 5 rows): per step, whether the target row's self-attention output is
+    Attention(Q^T, K^S, V^S) (fused) or the row's own attention (not fused)."""
+
+    EDITS_OUTPUT = True
+
+    def __init__(self):
+        self.to_sub, self.to_own = {}, {}
+
+    def active(self, call):
+        return call.kind == "self" and call.run is not None
+
+    def edit_output(self, call, out):
+        lay = call.layout
+        for chunk in range(len(lay.labels)):
+            s, t = lay.row(chunk, 0), lay.row(chunk, 2)
+            sub, _ = attention(call.q[[t]], call.k[[s]], call.v[[s]], call.heads)
+            own, _ = attention(call.q[[t]], call.k[[t]], call.v[[t]], call.heads)
+            for store, ref in ((self.to_sub, sub), (self.to_own, own)):
+                gap = float((out[t].double() - ref[0]).abs().max())
+                store[call.step] = max(store.get(call.step, 0.0), gap)
+        return out
+
+
+@pytest.mark.parametrize("steps, first", [(10, 1), (20, 2), (50, 4)])
+def test_chain_fuses_from_the_scaled_start_step(tiny, steps, first):
+    """Invert -> MaSaFusion at 10, 20 and 50 steps with start_step 4 (MasaCtrl's, on 50 steps): the target row's
+    self-attention is its own before step `first` and the source-keyed one from `first` to the last step."""
+    comfy_model = pkg("inversion.comfy_model")
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=SRC, method="direct",
+                    steps=steps, cfg=7.5, latent=make_latent(size=8, seed=4))[0]
+    recorder = FusedSteps()
+    ctrl = pkg("nodes.fusion").fusion_controller(fusion.ALG5_SOURCES, 4, "all", inv.steps)
+    assert ctrl.start_step == first
+    model = hooks.add_controller(hooks.add_controller(tiny.model, ctrl), recorder)
+    area = torch.zeros(1, 1, 8, 8)
+    area[..., 2:6, 1:5] = 1.0
+    with torch.inference_mode():
+        inv_fusion.fuse_image(model, inv, 0, comfy_model.encode_text(tiny.clip, TGT), area, None)
+    assert sorted(recorder.to_sub) == list(range(steps))
+    fused = [i for i in range(steps) if recorder.to_sub[i] < 1e-4 < recorder.to_own[i]]
+    own = [i for i in range(steps) if recorder.to_own[i] < 1e-4 < recorder.to_sub[i]]
+    assert fused == list(range(first, steps)) and own == list(range(first))
+
+
+def test_node_scales_start_step_to_the_inversions_steps(tiny):
+    """The node's start_step 4 at 10 steps is the controller's step 1 (not 4, and not 0)."""
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=SRC, method="direct",
+                    steps=10, cfg=7.5, latent=make_latent(size=8, seed=4))[0]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 8:40] = 1.0
+    node_out = call_node("AttnEditFusionWithAdapter", model=tiny.model, clip=tiny.clip, inversion=inv,
+                         target_prompt=TGT, mask=mask, seed=0, start_step=4, layers="all")[0]["samples"]
+    comfy_model = pkg("inversion.comfy_model")
+    area = (mask[:, ::8, ::8] > 0.5).float()[None]
+
+    def engine(start):
+        model = hooks.add_controller(tiny.model, fusion.MaskedSelfAttentionFusion(fusion.ALG5_SOURCES, start))
+        with torch.inference_mode():
+            final, layout, _ = inv_fusion.fuse_image(model, inv, 0, comfy_model.encode_text(tiny.clip, TGT), area,
+                                                     None)
+        return comfy_model.latent_to_raw(tiny.model, final)[layout.target_stream]
+
+    assert torch.equal(node_out[0], engine(1))
+    assert not torch.allclose(node_out[0], engine(4), atol=1e-5)
+    assert not torch.allclose(node_out[0], engine(0), atol=1e-5)
+
+
+def test_non_square_latent(tiny, adapter_net):
+    """A 12x20 latent (96x160 px, attention grids 6x10, 3x5, 2x3): the region, the adapter hint and every stream
+    keep the shape, and an empty region with the adapter off the target returns the source."""
+    import nodes
+
+    latent = {"samples": torch.randn(1, 4, 12, 20, generator=torch.Generator().manual_seed(5))}
+    inv = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=SRC, method="direct", steps=4,
+                    cfg=7.5, latent=latent)[0]
+    cond = pkg("inversion.comfy_model").encode_text(tiny.clip, TGT)
+    hint = make_image(160, seed=1)[:, 32:128]
+    with torch.inference_mode():
+        applied = nodes.ControlNetApply().apply_controlnet(cond, adapter_net, hint, 1.0)[0]
+    mask = torch.zeros(1, 96, 160)
+    mask[:, 24:72, 40:120] = 1.0
+    target, intermediate, source = run_node(tiny, inv, applied, mask=mask)
+    assert target.shape == intermediate.shape == source.shape == (1, 4, 12, 20)
+    assert torch.isfinite(target).all() and not torch.allclose(target, source, atol=1e-3)
+    empty_t, _, empty_s = run_node(tiny, inv, applied, mask=torch.zeros(1, 96, 160), adapter_on_target=False)
+    assert torch.allclose(empty_t, empty_s, atol=5e-2, rtol=0)

@@ -180,11 +180,11 @@ def box_height(b: NodeBox) -> int:
 
 
 def arrange(boxes: list[NodeBox], notes: list[NoteBox], titles: dict[str, str] | None = None) -> Placed:
-    """The layout whose saved view shows the whole graph largest: columns of every height from the tallest node up
+    """The layout whose saved view shows the whole graph largest: columns of every height (10 px steps) from the tallest node up
     are tried, and the one that fits the screen at the highest scale wins."""
     tallest = max((box_height(b) for b in boxes), default=0)
     best = None
-    for max_height in range(tallest, tallest + 2400, 100):
+    for max_height in range(tallest, tallest + 2400, 10):  # fine steps: a 40 px window can decide a column break
         placed = _arrange(boxes, notes, titles, max_height)
         if best is None or placed.view["scale"] > best.view["scale"]:
             best = placed

@@ -42,7 +42,9 @@ def canny_shape_change(g):
            "source's self-attention; inside A the edit borrows the self-attention map of an intermediate image "
            "drawn from fresh noise (seed) by the adapter.\n"
            "Knobs: seed changes the intermediate (and so the edit); start_step > 0 lets the first steps run "
-           "unfused; layers 'decoder' fuses only MasaCtrl's layers. The preview shows the intermediate image. "
+           "unfused (counted on a 50-step schedule, scaled to the inversion's steps); layers 'decoder' fuses only "
+           "MasaCtrl's layers; adapter_on_target (on, as Alg. 1) also feeds the adapter to the edited image. The "
+           "preview shows the intermediate image. "
            "Unplug `adapter` for the adapter-free variant (App. C).")
 
 

@@ -23,7 +23,9 @@ def instdiffedit(g):
            "inpaint with the main model, or set finish = 'blend only' to skip the pass.\n"
            "Knobs (paper defaults): strength r (higher = bigger masks, less of the photo kept), phi 0.2 (mask "
            "threshold: higher = tighter), gamma1 0.9 / gamma2 0.6 (which words count as the object / background), "
-           "seeds 3, cfg 7.5. The mask output shows what was edited; paste_back copies the untouched pixels back.")
+           "seeds 3, cfg 7.5. The mask output shows what was edited; paste_back (on) copies the untouched pixels "
+           "back through a soft edge of `feather` px (16) so the 8-px blocks of the mask never show. finish = "
+           "'inpaint full frame' lets the inpainting checkpoint repaint the whole picture, as the paper's code.")
 
 
 WORKFLOWS = {"13_instdiffedit": instdiffedit}
