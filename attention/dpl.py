@@ -6,7 +6,8 @@ the layers of the semantic level (16x16 at 512 px, `layers.SEMANTIC_LEVEL`), fro
 A noun k owns one or more token positions; its map A_k [h, w] is the mean of its tokens' columns (one column in the
 paper). B [h, w] = the {0, 1} background mask on the same grid.
 
-Hyper-parameters are the paper's (supplement Sec. D) and the official code's `DPL.sh`, which agree.
+Hyper-parameters are the official code's (`DPL.sh`), which its supplement (Sec. D) repeats; the main paper gives
+no values.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LAMBDA_AT = 1.0  # weight of the attention balancing loss (paper Eq. 9, supplement Sec. D, DPL.sh)
+LAMBDA_AT = 1.0  # weight of the attention balancing loss (Eq. 9; official code DPL.sh, supplement Sec. D)
 LAMBDA_DJ = 0.05  # weight of the disjoint object attention loss (ibid.)
 LAMBDA_BG = 0.05  # weight of the background leakage loss (ibid.)
 ALPHA_AT, BETA_AT = 25.0, 0.3  # Eq. 10 threshold schedule of L_at (ibid.)
 ALPHA_DJ, BETA_DJ = 25.0, 0.9  # Eq. 10 threshold schedule of L_dj (ibid.)
 ALPHA_BG, BETA_BG = 50.0, 0.7  # Eq. 10 threshold schedule of L_bg (ibid.)
-REFERENCE_STEPS = 50  # the schedule's step index is counted in units of a 50-step run (the paper's T = 50)
+REFERENCE_STEPS = 50  # the schedule's step index is counted in units of a 50-step run (Alg. 1 line 3: T = 50)
 SOFTMAX_SCALE = 100.0  # Attend-and-Excite token distribution softmax(100 * A[..., 1:-1]) (A&E / DPL code)
 SMOOTH_KERNEL = 3  # Gaussian filter F of Eq. 8: A&E GaussianSmoothing(kernel_size=3, sigma=0.5) (A&E / DPL code)
 SMOOTH_SIGMA = 0.5  # nominal sigma; the A&E formula exp(-((x - mu) / (2 sigma))^2) makes it act as sigma * sqrt(2)
@@ -119,18 +120,21 @@ class Thresholds:
 
 
 def schedule_threshold(beta: float, alpha: float, step: int, steps: int = REFERENCE_STEPS) -> float:
-    """TH_t = beta * exp(-t / alpha) (Eq. 10).
+    """TH = beta * exp(-t / alpha) (Eq. 10) at denoising step `step` (0 = the noisiest) of a `steps`-step run.
 
-    Differences: as in the official code, t is the denoising step index counted from the noisiest step (0 at the
-    first step, so thresholds start at beta and tighten); for runs of other than 50 steps t is rescaled to 50-step
-    units (t = step * 50 / steps) so the schedule covers the same stretch of the trajectory.
+    Differences (not the paper's notation): t is the denoising loop index of the official code (0 at the first,
+    noisiest step), so the thresholds start at beta and tighten towards the clean end. In the paper's notation
+    (Alg. 1, t = T..1) exp(-t / alpha) would run the other way (tightest at the noisiest step); the code's direction
+    is used. The schedule is defined at 50 steps: a run of `steps` steps evaluates it at t = step * 50 / steps, so
+    step i covers the same stretch of the trajectory as step i * 50 / steps of a 50-step run (10 steps: t = 0, 5,
+    ..., 45; 20 steps: t = 0, 2.5, ..., 47.5).
     """
     t = step * REFERENCE_STEPS / max(steps, 1)
     return beta * math.exp(-t / alpha)
 
 
 def thresholds(step: int, steps: int = REFERENCE_STEPS) -> Thresholds:
-    """The three thresholds of Eq. 10 at denoising step `step` of `steps` with the paper's (alpha, beta)."""
+    """The three thresholds of Eq. 10 at denoising step `step` of `steps` with the official (alpha, beta)."""
     return Thresholds(schedule_threshold(BETA_AT, ALPHA_AT, step, steps),
                       schedule_threshold(BETA_DJ, ALPHA_DJ, step, steps),
                       schedule_threshold(BETA_BG, ALPHA_BG, step, steps))
@@ -155,7 +159,8 @@ class Losses:
     total: torch.Tensor
 
     def below(self, th: Thresholds) -> bool:
-        """The gradual-optimisation stop test: every loss under its threshold (Alg. 1, lines 10-11)."""
+        """The gradual-optimisation stop test: every loss strictly under its threshold (Alg. 1, lines 10-11: the
+        loop goes on while any loss is >= its threshold)."""
         at, dj, bg = self.values()
         return at < th.at and dj < th.dj and bg < th.bg
 

@@ -28,6 +28,7 @@ import torch
 from ..attention import dpl as losses_mod
 from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL, semantic_grid
 from ..attention.run import COND, UNCOND, CaptureComplete, CaptureSpec, RunState
+from ..attention.tokens import PromptTokens
 from ..masks.background import BACKGROUND_CLUSTERS, BACKGROUND_THRESHOLD, estimate_background
 from ..masks.ops import mask_to_grid
 from . import comfy_model, engine, null_text
@@ -85,6 +86,7 @@ class DPLInversion:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # {token key: [S, P, E]} learned rows per step
     logs: list[StepLog] = field(default_factory=list)
     null_text_iterations: int = 0
+    degenerate_estimate: str = ""  # "empty" / "full" when the estimate was unusable and L_bg was switched off
 
 
 def check_nouns(nouns: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -103,8 +105,17 @@ def background_on_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     return mask_to_grid(mask.float()[None], grid, binary=True)[0, 0]
 
 
+def degenerate(background: torch.Tensor) -> str:
+    """"empty" when no cell of the {0, 1} loss-grid mask B is background, "full" when every cell is, else ""."""
+    if not bool(background.any()):
+        return "empty"
+    return "full" if bool(background.all()) else ""
+
+
 def estimate_from_run(run: RunState, nouns: Sequence[Sequence[int]], settings: DPLSettings) -> torch.Tensor:
-    """Sec. 3.3 background [h2, w2] from a DDIM pass that captured level-2 self- and semantic-level cross-attention."""
+    """Sec. 3.3 background [h2, w2] from a DDIM pass that captured level-2 self- and semantic-level cross-attention.
+
+    nouns: token positions of every word the segments are scored against (`masks.background.scoring_words`)."""
     self_map = run.mean_map("self", SELF_LEVEL_DPL)
     cross = run.mean_map("cross", settings.level)
     if self_map is None or cross is None:
@@ -139,21 +150,20 @@ def _evaluate(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.
     return losses_mod.dpl_losses(maps, nouns, background, settings.weights), maps.detach()
 
 
-def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
-                    step: int, steps: int, nouns: list[list[int]], background: torch.Tensor | None,
-                    settings: DPLSettings, on_iteration: Callable[[], None], stop_after: int | None = None):
-    """Alg. 1 lines 9-14 at one step: update the noun rows with AdamW on L (Eq. 9) until every loss is under its
-    threshold (Eq. 10) or `token_iterations` evaluations were made (as the code: evaluate, test, then update).
+def token_loop(evaluate: Callable[[dict], tuple], rows: dict, th: losses_mod.Thresholds, settings: DPLSettings,
+               on_iteration: Callable[[], None] = lambda: None):
+    """Alg. 1 lines 9-14: evaluate L (Eq. 9) with the current rows, stop when every loss is strictly under its
+    threshold (Eq. 10), else one AdamW step on the rows; at most `token_iterations` evaluations (as the code:
+    evaluate, test, then update, so the last update of a spent budget is not evaluated at this step).
 
-    Returns (rows, StepLog, maps A [h, w, T] of the last evaluation).
+    evaluate(params) -> (Losses, maps). Returns (rows, updates, first (at, dj, bg), last (at, dj, bg), maps).
     """
-    th = losses_mod.thresholds(step, steps)
     params = {k: v.detach().clone().float().requires_grad_(True) for k, v in rows.items()}
     opt = torch.optim.AdamW(list(params.values()), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     first = last = (0.0, 0.0, 0.0)
     updates, maps = 0, None
     for j in range(settings.token_iterations):
-        losses, maps = _evaluate(den, run, encoder, params, x_bar, sigma, nouns, background, settings, stop_after)
+        losses, maps = evaluate(params)
         last = losses.values()
         first = last if j == 0 else first
         if losses.below(th) or not losses.total.requires_grad:
@@ -163,7 +173,24 @@ def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: 
         opt.step()
         updates += 1
         on_iteration()
-    return {k: v.detach() for k, v in params.items()}, StepLog(step, updates, first, last, th), maps
+    return {k: v.detach() for k, v in params.items()}, updates, first, last, maps
+
+
+def optimise_tokens(den, run: RunState, encoder: RowEncoder, rows: dict, x_bar: torch.Tensor, sigma: float,
+                    step: int, steps: int, nouns: list[list[int]], background: torch.Tensor | None,
+                    settings: DPLSettings, on_iteration: Callable[[], None], stop_after: int | None = None):
+    """`token_loop` at denoising step `step` of `steps` with the thresholds of Eq. 10 for that step and the losses of
+    one conditional-only forward per evaluation.
+
+    Returns (rows, StepLog, maps A [h, w, T] of the last evaluation).
+    """
+    th = losses_mod.thresholds(step, steps)
+
+    def evaluate(params):
+        return _evaluate(den, run, encoder, params, x_bar, sigma, nouns, background, settings, stop_after)
+
+    rows, updates, first, last, maps = token_loop(evaluate, rows, th, settings, on_iteration)
+    return rows, StepLog(step, updates, first, last, th), maps
 
 
 def _dpl_pass(model, encoder: RowEncoder, source, negative, latent, sigmas, cfg, latents, nouns, background,
@@ -214,25 +241,65 @@ def _dpl_pass(model, encoder: RowEncoder, source, negative, latent, sigmas, cfg,
 
 def dpl_invert(model, encoder: RowEncoder, source: list, negative: list, latent: torch.Tensor, sigmas: torch.Tensor,
                cfg: float, nouns: Sequence[Sequence[int]], background: torch.Tensor | None = None,
-               settings: DPLSettings = DPLSettings(), progress: Progress = lambda n, x0: None) -> DPLInversion:
+               settings: DPLSettings = DPLSettings(), progress: Progress = lambda n, x0: None,
+               scored: Sequence[Sequence[int]] | None = None) -> DPLInversion:
     """Invert ONE image (raw latent [1, C, h, w]) with Dynamic Prompt Learning (Alg. 1).
 
     nouns: token positions of each noun of the source prompt (all tokens of a multi-token word). background: a
-    [H, W] mask in the image frame (1 = background) or None to estimate it (Sec. 3.3) from the DDIM pass.
+    [H, W] mask in the image frame (1 = background) or None to estimate it (Sec. 3.3) from the DDIM pass, scoring
+    the segments against the words at `scored` (default: the nouns). An estimate that is empty or covers every cell
+    of the loss grid is not used: L_bg is off (B = 0) and `degenerate_estimate` says which ("empty" / "full"), for
+    the caller to warn, as with an empty user mask (a full user mask is refused by the node).
     """
     nouns = check_nouns(nouns)
     self_levels = frozenset({SELF_LEVEL_DPL}) if background is None else frozenset()
     capture = CaptureSpec(cross_levels=frozenset({settings.level}), self_levels=self_levels)
     latents, ddim_run = engine.ddim_inversion(model, source, negative, latent, sigmas, capture, progress)
     grid = semantic_grid(tuple(latent.shape[-2:]), settings.level)
-    estimated = None
+    estimated, issue = None, ""
     if background is None:
-        estimated = estimate_from_run(ddim_run, nouns, settings)
+        estimated = estimate_from_run(ddim_run, nouns if scored is None else scored, settings)
         background = estimated
     bg = background_on_grid(background, grid)
+    if estimated is not None and settings.weights.bg:
+        issue = degenerate(bg)
+        bg = torch.zeros_like(bg) if issue else bg  # all-background would push every noun off the image; empty: 0
     comfy_model.check_interrupt()
     cond, uncond, recon, cross, logs, iters, rows = _dpl_pass(model, encoder, source, negative, latent, sigmas, cfg,
-                                                        latents, nouns, bg, settings, progress)
+                                                        latents, nouns, None if issue else bg, settings, progress)
     if cross is None:  # no token optimisation: report the inversion's maps
         cross = ddim_run.mean_map("cross", settings.level)[0].view(*grid, -1)
-    return DPLInversion(latents, cond, uncond, recon, bg, estimated, cross, ddim_run, rows, logs, iters)
+    return DPLInversion(latents, cond, uncond, recon, bg, estimated, cross, ddim_run, rows, logs, iters, issue)
+
+
+def target_row_map(source_positions: Sequence[Sequence[int]], target_positions: Sequence[Sequence[int]],
+                   sizes: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Where each learned noun row goes in the target prompt: (target token positions, indices into the rows).
+
+    Per noun: its source positions (every occurrence, `sizes[k]` tokens each; the learned rows follow this order,
+    noun after noun), its positions in the target prompt (empty when the target drops it). The j-th occurrence in
+    the target takes the rows of the j-th occurrence in the source (the last one when the target has more).
+    As the official edit (`_4_image_edit.py`), which writes the placeholder token of every noun the target keeps.
+    """
+    positions, index, offset = [], [], 0
+    for src, tgt, n in zip(source_positions, target_positions, sizes):
+        occurrences = max(1, len(src) // n)
+        for j in range(len(tgt) // n):
+            occ = min(j, occurrences - 1)
+            positions += list(tgt[j * n:(j + 1) * n])
+            index += [offset + occ * n + m for m in range(n)]
+        offset += len(src)
+    return positions, index
+
+
+def target_contexts(clip, target: PromptTokens, rows: dict[str, torch.Tensor], positions: Sequence[int],
+                    index: Sequence[int]) -> torch.Tensor:
+    """[S, T, E] the target prompt encoded at every step with the learned rows of the kept nouns at `positions`.
+
+    rows: {token key: [S, P, E]} of one image (`DPLInversion.rows`); `positions`, `index` from `target_row_map`.
+    """
+    encoder = RowEncoder(clip, target, positions)
+    steps = next(iter(rows.values())).shape[0]
+    pick = torch.tensor(list(index))
+    with torch.no_grad():
+        return torch.stack([encoder.encode({k: v[s][pick] for k, v in rows.items()})[0] for s in range(steps)])

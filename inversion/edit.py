@@ -92,11 +92,13 @@ class SourceBranch:
     cond: torch.Tensor | None = None  # [S, T, E]
     offsets: torch.Tensor | None = None  # [S, C, h, w]
     pin: bool = False  # teacher-force the source rows onto the inversion latents after every step
+    target_cond: torch.Tensor | None = None  # [S, T, E] per-step target context (DPL: learned tokens of kept nouns)
 
 
 def step_context(source: SourceBranch, step: int, roles: Sequence[str], target_context: torch.Tensor | None
                  ) -> dict[int, torch.Tensor]:
-    """Context overrides {label: [B, T, E]} for one step: ∅_t for every row, learned source tokens for source rows."""
+    """Context overrides {label: [B, T, E]} for one step: ∅_t for every row, learned source tokens for source rows
+    and, when given, the per-step target context for the other rows."""
     context: dict[int, torch.Tensor] = {}
     if source.uncond is not None:
         context[1] = source.uncond[step].unsqueeze(0)
@@ -104,7 +106,10 @@ def step_context(source: SourceBranch, step: int, roles: Sequence[str], target_c
         if target_context is None:
             raise ValueError("per-step source tokens need the target context of the other rows")
         learned = repeat_tokens(source.cond[step].unsqueeze(0), target_context.shape[1])[0]  # lcm-padded batch
-        rows = [learned if r == "source" else target_context[i] for i, r in enumerate(roles)]
+        target = None if source.target_cond is None else \
+            repeat_tokens(source.target_cond[step].unsqueeze(0), target_context.shape[1])[0]
+        rows = [learned if r == "source" else target_context[i] if target is None else target
+                for i, r in enumerate(roles)]
         context[0] = torch.stack(rows)
     return context
 

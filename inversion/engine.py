@@ -135,8 +135,11 @@ def _to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 def edit_image(model, trajectory, image: int, target: list, hooks: Sequence[edit.StepHook] = (), *,
                capture: CaptureSpec | None = None, pin_source: bool = False, grad: bool = False,
-               progress: Callable[[int, torch.Tensor | None], None] = lambda n, x0: None):
+               progress: Callable[[int, torch.Tensor | None], None] = lambda n, x0: None,
+               target_steps: torch.Tensor | None = None):
     """Run the source and target branches of image `image` of `trajectory` in lock-step.
+
+    target_steps: [S, B, T, E] per-step target context (DPL's learned tokens in the target prompt) or None.
 
     Returns (final latents [2, C, h, w] model space (source, target), RunState copy with the captured maps, the
     hooks' state dict).
@@ -154,7 +157,8 @@ def edit_image(model, trajectory, image: int, target: list, hooks: Sequence[edit
 
     def algorithm(den, x):
         branch = edit.SourceBranch(_to(pick(trajectory.latents), x), _to(pick(trajectory.uncond), x),
-                                   _to(pick(trajectory.cond), x), _to(pick(trajectory.offsets), x), pin=pin_source)
+                                   _to(pick(trajectory.cond), x), _to(pick(trajectory.offsets), x), pin=pin_source,
+                                   target_cond=_to(pick(target_steps), x))
         x_T = branch.latents[0]
         out, state = edit.edit(den, torch.stack([x_T, x_T]), sigmas, roles, branch, hooks,
                                positive[0][0].to(x).clone(), lambda i, x_next, d: progress(1, d[1:]), image=image,

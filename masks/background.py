@@ -22,6 +22,39 @@ KMEANS_SEED = 1  # official code: np.random.seed(1) before sklearn KMeans
 KMEANS_INITS = 10  # official code: KMeans(n_init=10), the best inertia wins
 KMEANS_MAX_ITER = 300  # sklearn KMeans default
 KMEANS_TOL = 1e-4  # sklearn KMeans default, relative to the mean per-feature variance of the data
+# Closed-class words of a caption, never scored against the segments (the official code scores the nltk nouns of the
+# caption; ComfyUI ships no part-of-speech tagger, so every other word of the prompt is scored, see `scoring_words`).
+FUNCTION_WORDS = frozenset(" ".join((
+    "a an the this that these those some any each every another no its his her their my your our",
+    "of on in at with by for from to into onto near under over behind beside besides next between above below across",
+    "through around against along inside outside upon off up down out about beneath among atop toward towards",
+    "and or but nor while as than so",
+    "it he she they we i you him them us me itself",
+    "is are was were be been being has have had do does did there here",
+    "one two three four five six seven eight nine ten",
+)).split())
+
+
+def scoring_words(words: list[tuple[list[int], str]], nouns: list[list[int]]) -> list[list[int]]:
+    """Token positions of the words whose maps the background estimate scores against (Sec. 3.3: "all nouns").
+
+    words: (positions, lower-cased text) of every word of the source prompt (`PromptTokens.word_groups`); nouns:
+    the positions of the nouns the user listed. Returns the listed nouns first (as given), then every other word of
+    the prompt that is not a function word (`FUNCTION_WORDS`), punctuation or a number and shares no position with
+    a listed noun.
+    Differences from the official code (`cluster2noun_` on nltk's NN* tags): without a part-of-speech tagger,
+    adjectives and verbs of the caption are scored too. A scored word can only keep a segment out of the background,
+    so the estimate is at most the nltk-nouns one (it may come out smaller, e.g. empty when a word attends
+    everywhere: the caller then warns and switches the background loss off).
+    """
+    taken = {p for pos in nouns for p in pos}
+    out = [list(pos) for pos in nouns]
+    for positions, text in words:
+        if not text or text in FUNCTION_WORDS or not any(c.isalpha() for c in text) or taken & set(positions):
+            continue
+        out.append(list(positions))
+        taken |= set(positions)
+    return out
 
 
 def _sq_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ..inversion import comfy_model, engine
 from ..inversion.conditioning import single_entry
 from ..inversion.ddim import ddim_step
 from .common import AttnEditError, check_bound_inversions, check_inversion_model, check_text_encoder, warn, wrap_errors
+from .dpl import learned_target
 from .types import ATTN_STORE, CAT_SAMPLING, INVERSION
 
 SAMPLER = "Attention Edit Sampler"
@@ -70,6 +71,7 @@ class AttnEditEditSampler:
         target, target_tokens = _resolve_target(controllers, inversion, target)
         for sentence in knobs_without_effect(controllers, step_hooks, inversion.steps):
             warn(SAMPLER, sentence)
+        target_steps = learned_target(SAMPLER, inversion, target, target_tokens)  # DPL: learned tokens kept in target
         grad = any(getattr(h, "NEEDS_GRAD", False) for h in step_hooks)
         inner = sum(h.progress_units(inversion.steps) for h in step_hooks if hasattr(h, "progress_units"))
         progress = comfy_model.Progress(model, (inversion.steps + inner) * inversion.batch)
@@ -77,7 +79,7 @@ class AttnEditEditSampler:
         for i in range(inversion.batch):
             final, captured, _state = engine.edit_image(
                 model, inversion, i, target, step_hooks, capture=CaptureSpec(),
-                pin_source=pin, grad=grad, progress=progress.update)
+                pin_source=pin, grad=grad, progress=progress.update, target_steps=target_steps)
             finals.append(final)
             stores.append(store_from_run(captured, (inversion.source_tokens, target_tokens), inversion.latent_hw,
                                          comfy_model.intermediate_device()))

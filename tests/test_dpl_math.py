@@ -224,3 +224,78 @@ def test_background_input_checks_and_rectangular_grids():
     assert est.shape == (4, 8) and not torch.isnan(est).any()
     batched = BG.estimate_background(sa[None], torch.zeros(0, 4, 4))
     assert batched.shape == (8, 8)
+
+
+# ------------------------------------------------------------------- boundaries (issue 22): stop test, schedule, grid
+D = pkg("inversion.dpl")
+
+
+def scripted(values):
+    """evaluate(params) returning the scripted (at, dj, bg) of each call in turn; total depends on the rows."""
+    calls = []
+
+    def evaluate(params):
+        at, dj, bg = (torch.tensor(v) for v in values[len(calls)])
+        calls.append({k: v.detach().clone() for k, v in params.items()})
+        total = at + dj + bg + params["l"].pow(2).sum()
+        return L.Losses(at, dj, bg, total), None
+    return evaluate, calls
+
+
+TH = L.Thresholds(0.5, 0.25, 0.125)  # exact in float32, so "equal" is equal
+ABOVE, UNDER = (0.9, 0.9, 0.9), (0.1, 0.1, 0.1)
+
+
+@pytest.mark.parametrize("values, evaluations, updates", [
+    ([ABOVE] * 5, 5, 5),  # budget spent: 5 evaluations, each followed by an update
+    ([ABOVE, ABOVE, UNDER], 3, 2),  # stops at the first evaluation under every threshold, before updating
+    ([UNDER], 1, 0),  # already under at the first evaluation: rows untouched
+    ([(0.5, 0.1, 0.1), (0.4999, 0.1, 0.1)], 2, 1),  # L_at equal to TH_at is not under it (Alg. 1: while L >= TH)
+    ([(0.1, 0.25, 0.1), (0.1, 0.2499, 0.1)], 2, 1),  # the same for L_dj
+    ([(0.1, 0.1, 0.125), (0.1, 0.1, 0.1249)], 2, 1),  # and L_bg
+    ([(0.1, 0.1, 0.9), (0.01, 0.01, 0.01)], 2, 1),  # one loss above is enough to go on
+])
+def test_token_loop_evaluates_tests_then_updates(values, evaluations, updates):
+    rows = {"l": torch.ones(2, 3)}
+    evaluate, calls = scripted(values)
+    ticks = []
+    settings = D.DPLSettings(token_iterations=5)
+    out, n, first, last, _ = D.token_loop(evaluate, rows, TH, settings, lambda: ticks.append(1))
+    assert len(calls) == evaluations and n == updates and len(ticks) == updates
+    assert first == pytest.approx(values[0]) and last == pytest.approx(values[evaluations - 1])
+    assert torch.equal(calls[0]["l"], rows["l"])  # the first evaluation sees the incoming rows (warm start)
+    assert torch.equal(out["l"], rows["l"]) == (updates == 0)
+    if evaluations > 1:  # each evaluation after the first sees the rows of the update before it
+        assert not torch.equal(calls[1]["l"], calls[0]["l"])
+        assert torch.equal(out["l"], calls[-1]["l"]) == (evaluations > updates)
+
+
+def test_token_loop_budget_of_one_and_zero():
+    rows = {"l": torch.ones(2, 3)}
+    evaluate, calls = scripted([ABOVE] * 3)
+    out, n, *_ = D.token_loop(evaluate, rows, TH, D.DPLSettings(token_iterations=1))
+    assert len(calls) == 1 and n == 1 and not torch.equal(out["l"], rows["l"])  # evaluated once, updated once
+    evaluate, calls = scripted([ABOVE])
+    out, n, first, last, _ = D.token_loop(evaluate, rows, TH, D.DPLSettings(token_iterations=0))
+    assert calls == [] and n == 0 and torch.equal(out["l"], rows["l"]) and first == last == (0.0, 0.0, 0.0)
+
+
+def test_estimate_threshold_is_inclusive_at_the_exact_score():
+    equal_rows = torch.full((64, 64), 1 / 64)  # one segment over the 8x8 grid
+    one_hot = torch.zeros(1, 4, 4)
+    one_hot[0, 0, 0] = 1.0  # 4 of 64 cells at 1 after upsampling: the segment's score is exactly 1/16
+    assert torch.equal(BG.estimate_background(equal_rows, one_hot, threshold=0.0625), torch.ones(8, 8))  # "<= TH"
+    assert torch.equal(BG.estimate_background(equal_rows, one_hot, threshold=0.0624), torch.zeros(8, 8))
+
+
+def test_background_on_the_loss_grid_takes_half_covered_cells_and_degenerate_cases():
+    mask = torch.zeros(4, 4)
+    mask[0, 0:2] = 1.0  # top-left 2x2 cell: exactly half covered -> background
+    mask[2, 2] = 1.0  # bottom-right cell: a quarter covered -> not background
+    grid = D.background_on_grid(mask, (2, 2))
+    assert torch.equal(grid, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert D.degenerate(grid) == ""
+    assert D.degenerate(torch.zeros(2, 2)) == "empty" and D.degenerate(torch.ones(2, 2)) == "full"
+    one_free = torch.ones(2, 2)
+    one_free[1, 1] = 0.0
+    assert D.degenerate(one_free) == ""

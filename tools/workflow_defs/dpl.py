@@ -29,9 +29,10 @@ def dpl_word_swap(g):
            "it used (estimated from self-attention; connect your own MASK to `background` to override it). "
            "token_iterations (21) / null_text_iterations (10) bound the work per step; lower them for speed.\n"
            "2. Prompt-to-Prompt Attention Hook exactly as with Invert Image: same source prompt, one word swapped.\n"
-           "3. Attention Edit Sampler: the source branch uses the learned tokens step by step.\n"
-           "Lambdas (advanced inputs): attention 1.0, disjoint 0.05, background 0.05 are the paper's; the paper notes "
-           "the best values can vary per image.")
+           "3. Attention Edit Sampler: the source branch uses the learned tokens step by step, and the target "
+           "prompt gets the learned token of every listed noun it keeps (here sofa; learned_tokens_in_target).\n"
+           "Lambdas (advanced inputs): attention 1.0, disjoint 0.05, background 0.05 are the official code's; its "
+           "README notes the best values can vary per image.")
 
 
 WORKFLOWS = {"14_dpl_word_swap": dpl_word_swap}
