@@ -73,6 +73,7 @@ def test_ddim_step_and_sampling_order_by_hand():
     x, den = torch.tensor([3.0]), torch.tensor([1.0])
     assert torch.allclose(ddim.ddim_step(x, den, 2.0, 0.5), torch.tensor([1.0 + 0.5 * (3.0 - 1.0) / 2.0]))
     assert torch.equal(ddim.ddim_step(x, den, 0.0, 0.5), den)
+    assert torch.allclose(ddim.ddim_step(x, den, 1.0, 0.5), torch.tensor([2.0]))  # only sigma = 0 is special
     rec = RecordingDenoiser()
     seen = []
     sigmas = torch.tensor([4.0, 2.0, 1.0, 0.0])
@@ -171,6 +172,8 @@ def test_null_text_runs_at_most_inner_steps_and_returns_the_last_loss():
     assert res.loss == pytest.approx(0.25)
     res3, _seen, _its = run_scripted([1.0], step=0, inner_steps=3)
     assert res3.iterations == 3
+    res0, seen0, _its = run_scripted([1.0], step=0, inner_steps=0)  # no optimisation: warm start kept, loss unknown
+    assert res0.iterations == 0 and res0.loss == math.inf and len(seen0) == 1 and res0.uncond.eq(0).all()
 
 
 def test_null_text_adam_learning_rate_follows_the_step():
@@ -206,18 +209,23 @@ def test_null_text_loss_is_measured_in_ddpm_space():
 
 
 # ------------------------------------------------------------------------------------------------ P2P
-def test_word_swap_mapper_is_applied_source_token_by_target_token():
-    """replace_attention: target[..., t] = sum_w source[..., w] * M[w, t]. A non-symmetric M (source word 5 spread
-    over target tokens 5..7, the rest shifted by 2) kills a transposed mapper."""
-    g = torch.Generator().manual_seed(1)
-    src = torch.rand(2, 3, 77, generator=g).softmax(-1)
+def swap_mapper():
+    """"a photo of a cat" -> "a photo of a grimalkin": source token 5 spread over target tokens 5..7, rest shifted."""
     mapper = torch.zeros(77, 77)
     for i in range(5):
         mapper[i, i] = 1
     mapper[5, 5:8] = 1 / 3
     for k in range(69):
         mapper[6 + k, 8 + k] = 1
-    out = p2p.replace_attention(src, mapper)
+    return mapper
+
+
+def test_word_swap_mapper_is_applied_source_token_by_target_token():
+    """replace_attention: target[..., t] = sum_w source[..., w] * M[w, t]. A non-symmetric M (source word 5 spread
+    over target tokens 5..7, the rest shifted by 2) kills a transposed mapper."""
+    g = torch.Generator().manual_seed(1)
+    src = torch.rand(2, 3, 77, generator=g).softmax(-1)
+    out = p2p.replace_attention(src, swap_mapper())
     for t in (5, 6, 7):
         assert torch.allclose(out[..., t], src[..., 5] / 3)
     assert torch.allclose(out[..., 8], src[..., 6]) and torch.allclose(out[..., 76], src[..., 74])
@@ -273,6 +281,48 @@ def test_p2p_cross_window_steps_and_rows():
     assert p2p.token_alpha(4, 10, windows).tolist() == [1, 0, 0]  # int(0.4 * 11) = 4 is out
     assert p2p.token_alpha(5, 10, windows).tolist() == [1, 0, 1]
     assert p2p.token_alpha(8, 10, windows).tolist() == [0, 0, 1]
+    # fractions where S + 1 and S (or S + 2) disagree: (0.55, 0.95) -> [6, 10), (0.5, 0.6) -> [5, 6) at S = 10
+    odd = torch.tensor([[0.55, 0.95], [0.5, 0.6]], dtype=torch.float64)
+    assert [p2p.token_alpha(s, 10, odd).tolist() for s in (4, 5, 6, 9, 10)] == [[0, 0], [0, 1], [1, 0], [1, 0], [0, 0]]
+    assert p2p.window_steps((0.55, 0.95), 10) == (6, 10) and p2p.window_steps((0.5, 0.6), 10) == (5, 6)
+    # the cross edit is active while ANY token's window is open (per-word windows may close earlier)
+    mixed = controller(cross=(0.0, 0.8))
+    mixed.cross_windows[6] = torch.tensor([0.0, 0.4], dtype=torch.float64)
+    assert [mixed.active(make_call(run, "cross", 4, s)) for s in (3, 4, 7, 8)] == [True, True, True, False]
+    assert p2p.CROSS_REPLACE_DEFAULT == 0.8 and p2p.SELF_REPLACE_DEFAULT == 0.4
+
+
+def test_p2p_replace_mode_edits_inside_each_tokens_window_only():
+    """Word swap through the controller: inside its window a target token reads the mapped source attention (a
+    non-symmetric mapper), outside it keeps the target's own; only the conditional target row changes."""
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, TARGET))
+    mapper = swap_mapper()
+    windows = torch.tensor([[0.0, 0.8]], dtype=torch.float64).repeat(77, 1)
+    windows[7] = torch.tensor([0.0, 0.4], dtype=torch.float64)  # token 7 closes at step int(0.4 * 11) = 4
+    ctrl = p2p.PromptToPrompt("replace", mapper, None, windows, (0.0, 0.4))
+    probs = torch.rand(4, 2, 16, 77, generator=torch.Generator().manual_seed(2))
+    out = ctrl.edit_probs(make_call(run, "cross", 4, 5), probs)
+    src, tgt = probs[2], probs[3]
+    assert torch.allclose(out[3, ..., 6], src[..., 5] / 3) and torch.allclose(out[3, ..., 5], src[..., 5] / 3)
+    assert torch.equal(out[3, ..., 7], tgt[..., 7])  # outside its window at step 5
+    assert torch.allclose(out[3, ..., 8:], src[..., 6:75]) and torch.equal(out[:3], probs[:3])
+    out3 = ctrl.edit_probs(make_call(run, "cross", 4, 3), probs)
+    assert torch.allclose(out3[3, ..., 7], src[..., 5] / 3)  # still inside at step 3
+
+
+def test_p2p_self_edit_reaches_the_output_through_dispatch():
+    """The controller edits probabilities (EDITS_PROBS): through run.dispatch the target row's self-attention output
+    is the source row's probabilities applied to the target's own values."""
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, TARGET))
+    g = torch.Generator().manual_seed(3)
+    call = make_call(run, "self", 2, 0)
+    call.q, call.k, call.v = (torch.randn(4, 16, 8, generator=g) for _ in range(3))
+    out = run_mod.dispatch(call, [controller()], lambda: None)
+    probs = pkg("attention.core").attention_probs(call.q, call.k, 2)
+    core = pkg("attention.core")
+    expected = core.apply_probs(probs[2:3], call.v[3:4], 2)
+    assert torch.allclose(out[3:4], expected, atol=1e-6)
+    assert torch.allclose(out[:3], core.apply_probs(probs[:3], call.v[:3], 2), atol=1e-6)
 
 
 def test_p2p_self_edit_copies_conditional_source_rows_only():
@@ -293,7 +343,17 @@ def test_local_blend_threshold_is_strict():
     mask = p2p.local_blend_mask(maps, [[3]], (2, 2), (2, 2), threshold=0.25, dilation=0)
     assert mask[0, 0].tolist() == [[1.0, 1.0], [0.0, 1.0]]
     assert local_blend.THRESHOLD == 0.3 and local_blend.DILATION == 1
-    assert p2p.LocalBlend((1,), (1,)).threshold == 0.3 and p2p.LocalBlend((1,), (1,)).start == 0.2
+    hook = p2p.LocalBlend((1,), (1,))
+    assert (hook.threshold, hook.dilation, hook.start) == (0.3, 1, 0.2)
+    # defaults of the maths (threshold 0.3, k = 1): a 0.45 corner is in, a 0.3 one is out; an empty row stays a row
+    grid = torch.zeros(2, 25, 77)
+    grid[0, 0, 3], grid[0, 24, 3], grid[0, 4, 3] = 1.0, 0.45, 0.3
+    default = p2p.local_blend_mask(grid, [[3], []], (5, 5), (5, 5))
+    assert default.shape == (2, 1, 5, 5) and default[1].sum() == 0
+    expected = torch.zeros(5, 5)
+    expected[:2, :2] = 1
+    expected[3:, 3:] = 1
+    assert torch.equal(default[0, 0], expected)
     # words' maps are summed before the max-normalisation; the store helper returns the same mask and the heat
     maps[0, :, 4] = torch.tensor([0.0, 0.5, 0.0, 0.0])  # cell 1 -> 1.0, the max together with cell 0
     mask2 = p2p.local_blend_mask(maps, [[3, 4]], (2, 2), (2, 2), threshold=0.75, dilation=0)
@@ -318,10 +378,11 @@ class FakeDenoiser:
 
 
 def blend_ctx(step, total=10):
-    """Roles (source, target); the captured target map marks the top-left latent quarter."""
+    """Roles (source, target); the target word marks the top-left latent quarter, the source word the bottom-right."""
     run = run_mod.RunState(torch.linspace(total, 0, total + 1), (SOURCE, TARGET))
     maps = torch.zeros(2, 4, 77)
-    maps[1, 0, 5] = 1.0
+    maps[1, 0, 5] = 1.0  # target word (token 5 of the target) at the top-left cell
+    maps[0, 3, 3] = 1.0  # source word (token 3 of the source) at the bottom-right cell
     run.sums[("cross", layers.SEMANTIC_LEVEL)] = maps
     run.counts[("cross", layers.SEMANTIC_LEVEL)] = 1
     run.grids[("cross", layers.SEMANTIC_LEVEL)] = (2, 2)
@@ -332,21 +393,22 @@ def blend_ctx(step, total=10):
 
 def test_p2p_local_blend_starts_at_int_start_times_steps():
     """LocalBlend(start=0.2) with S = 10 blends from step 2 on: step 1 is untouched, step 2 is blended."""
-    hook = p2p.LocalBlend((), (5,), threshold=0.3, dilation=0, start=0.2)
+    hook = p2p.LocalBlend((3,), (5,), threshold=0.3, dilation=0, start=0.2)
     before = blend_ctx(1)
     hook.after_step(before)
     assert before.x_next[1].eq(1).all() and "local_blend_mask" not in before.state
     first = blend_ctx(2)
     hook.after_step(first)
     expected = torch.zeros(1, 4, 4)
-    expected[:, :2, :2] = 1  # inside the mask the target keeps its latent, outside it takes the source's
+    expected[:, :2, :2] = 1  # inside the union of both words' masks the target keeps its latent, outside it takes
+    expected[:, 2:, 2:] = 1  # the source's
     assert torch.equal(first.x_next[1], expected) and first.x_next[0].eq(0).all()
     last = blend_ctx(9)
     hook.after_step(last)
     assert torch.equal(last.x_next[1], expected)
     # start 0.25 of 10 steps -> int(2.5) = 2
     at2 = blend_ctx(2)
-    p2p.LocalBlend((), (5,), dilation=0, start=0.25).after_step(at2)
+    p2p.LocalBlend((3,), (5,), dilation=0, start=0.25).after_step(at2)
     assert torch.equal(at2.x_next[1], expected)
 
 
@@ -407,4 +469,52 @@ def test_query_grid_rejects_a_count_of_no_level():
     with pytest.raises(ValueError, match="21 queries match no level of a 14x18 latent"):
         layers.query_grid(21, (14, 18))
     assert layers.query_grid(1, (3, 3)) == (1, 1, 4)
+    # thin latents: the loop halves while either side is > 1 (a 2x1 or 1x3 grid still has levels above it)
+    assert layers.query_grid(1, (2, 1)) == (1, 1, 2) and layers.query_grid(1, (1, 2)) == (1, 1, 2)
+    assert layers.query_grid(1, (1, 3)) == (1, 1, 4) and layers.query_grid(2, (3, 1)) == (2, 1, 2)
+    assert layers.query_grid(1, (3, 1)) == (1, 1, 4)
+    with pytest.raises(ValueError, match="0 queries match no level of a 4x4 latent"):
+        layers.query_grid(0, (4, 4))  # terminates at 1x1
     assert layers.AttnSite("input", 4, 1, 2).key == ("input", 4, 1)
+
+
+# ------------------------------------------------------------------------------------------------ attention core
+def reference_attention(q, k, v, heads, key_mask=None):
+    """Per-head loops: head h owns columns [h D, (h + 1) D); softmax(q k^T / sqrt(D)) over the allowed keys."""
+    rows, n, inner = q.shape
+    d = inner // heads
+    probs = torch.zeros(rows, heads, n, k.shape[1], dtype=torch.float64)
+    out = torch.zeros(rows, n, inner, dtype=torch.float64)
+    for r in range(rows):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            logits = q[r, :, cols].double() @ k[r, :, cols].double().T / math.sqrt(d)
+            if key_mask is not None:
+                allowed = key_mask[r, 0].expand(n, -1)
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            p = torch.nan_to_num(logits.softmax(-1), nan=0.0)
+            probs[r, h] = p
+            out[r, :, cols] = p @ v[r, :, cols].double()
+    return probs, out
+
+
+def test_attention_probs_and_masked_attention_against_per_head_loops():
+    """[R, N, H*D] head split, 1 / sqrt(D) scale (D != N != T), softmax over keys, a fully masked query -> 0."""
+    core = pkg("attention.core")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 3, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    probs, out = reference_attention(q, k, v, 2)
+    assert torch.allclose(core.attention_probs(q, k, 2).double(), probs, atol=1e-6)
+    assert torch.allclose(core.apply_probs(probs.float(), v, 2).double(), out, atol=1e-5)
+    assert torch.allclose(core.masked_attention(q, k, v, 2).double(), out, atol=1e-5)
+    mask = torch.rand(2, 1, 3, 5, generator=g) > 0.4
+    mask[0, 0, 1] = False  # query 1 of row 0 may attend nothing
+    mask[1, 0, 2] = True
+    probs_m, out_m = reference_attention(q, k, v, 2, mask)
+    got = core.attention_probs(q, k, 2, key_mask=mask)
+    assert torch.allclose(got.double(), probs_m, atol=1e-6) and got[0, :, 1].eq(0).all()
+    got_out = core.masked_attention(q, k, v, 2, key_mask=mask)
+    assert torch.allclose(got_out.double(), out_m, atol=1e-5) and got_out[0, 1].eq(0).all()
+    split = core.split_heads(q, 2)
+    assert split.shape == (2, 2, 3, 4) and torch.equal(split[1, 1, 2], q[1, 2, 4:])
+    assert torch.equal(core.merge_heads(split), q)

@@ -372,6 +372,7 @@ def _tail(path: str, n: int = 6) -> str:
 
 
 def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float | None, tests_override=None) -> None:
+    out_dir = os.path.abspath(out_dir)  # the fork runner works inside the copy
     os.makedirs(out_dir, exist_ok=True)
     results = os.path.join(out_dir, "results.jsonl")
     done = set()
