@@ -518,3 +518,45 @@ def test_attention_probs_and_masked_attention_against_per_head_loops():
     split = core.split_heads(q, 2)
     assert split.shape == (2, 2, 3, 4) and torch.equal(split[1, 1, 2], q[1, 2, 4:])
     assert torch.equal(core.merge_heads(split), q)
+
+
+def test_mask_contract_edges():
+    """as_mask_batch: every empty side is rejected, one-pixel sides are fine, [B, 1, H, W] of any batch, a NaN
+    anywhere; mask_to_grid: one side divisible and the other not, non-square pooling, the area / coverage branch
+    choice at equal sizes, values outside [0, 1]; grid_to_image's bilinear corners; aspect_mismatch at its edges."""
+    for shape in ((0, 4, 4), (1, 0, 4), (1, 4, 0)):
+        with pytest.raises(ops.MaskError, match="no pixels"):
+            ops.as_mask_batch(torch.zeros(shape), 1)
+    assert ops.as_mask_batch(torch.ones(1, 1, 4), 2).shape == (2, 1, 4)
+    assert ops.as_mask_batch(torch.ones(1, 4, 1), 1).shape == (1, 4, 1)
+    assert ops.as_mask_batch(torch.ones(2, 1, 5), 2).shape == (2, 1, 5)  # a 3-D mask with one row is not [B, 1, ...]
+    assert ops.as_mask_batch(torch.ones(2, 1, 4, 4), 2).shape == (2, 4, 4)
+    part = torch.zeros(1, 3, 3)
+    part[0, 1, 1] = float("nan")
+    with pytest.raises(ops.MaskError, match="NaN"):
+        ops.as_mask_batch(part, 1)
+    # one side divisible, the other not: the output has the grid's size either way
+    assert ops.mask_to_grid(torch.ones(1, 8, 10), (4, 4)).shape == (1, 1, 4, 4)
+    assert ops.mask_to_grid(torch.ones(1, 10, 8), (4, 4)).shape == (1, 1, 4, 4)
+    tall = torch.zeros(1, 8, 4)
+    tall[0, :4, :2] = 1
+    assert ops.mask_to_grid(tall, (2, 2))[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]  # 4x2 pooling windows
+    # equal height, wider mask: torch's area resize (bins [0, 2), [1, 3), ...), not the coverage branch (2/3)
+    wide = torch.zeros(1, 4, 6)
+    wide[0, :, 0] = 1
+    assert ops.mask_to_grid(wide, (4, 4))[0, 0, 0].tolist() == [0.5, 0.0, 0.0, 0.0]
+    assert ops.mask_to_grid(wide.transpose(1, 2), (4, 4))[0, 0, :, 0].tolist() == [0.5, 0.0, 0.0, 0.0]
+    # taller than the grid but narrower: the exact coverage branch (row cell 0 = 2/3 of pixel row 0)
+    narrow = torch.zeros(1, 3, 2)
+    narrow[0, 0] = 1
+    assert torch.allclose(ops.mask_to_grid(narrow, (2, 4))[0, 0, 0], torch.full((4,), 2 / 3))
+    assert ops.mask_to_grid(torch.full((1, 2, 2), 2.0), (1, 1)).item() == 1.0
+    assert ops.mask_to_grid(torch.full((1, 2, 2), -1.0), (1, 1)).item() == 0.0
+    # grid -> image: bilinear with align_corners=False, clamped
+    smooth = ops.grid_to_image(torch.tensor([[[[1.0, 0.0]]]]), (1, 4), smooth=True)[0, 0]
+    assert torch.allclose(smooth, torch.tensor([1.0, 0.75, 0.25, 0.0]))
+    assert ops.grid_to_image(torch.full((1, 1, 2, 2), 2.0), (4, 4)).max() == 1.0
+    assert ops.grid_to_image(torch.full((1, 1, 2, 2), -1.0), (4, 4), smooth=True).min() == 0.0
+    # aspect: exactly at the tolerance is not a mismatch; one-pixel and zero sides do not divide by zero
+    assert not ops.aspect_mismatch((2, 3), (1, 1), tolerance=0.5) and ops.aspect_mismatch((2, 3), (1, 1), 0.49)
+    assert not ops.aspect_mismatch((1, 2), (1, 2)) and not ops.aspect_mismatch((0, 5), (0, 5))

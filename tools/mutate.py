@@ -371,12 +371,13 @@ def _tail(path: str, n: int = 6) -> str:
     return "\n".join((failed or lines)[-n:])
 
 
-def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float | None, tests_override=None) -> None:
+def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float | None, tests_override=None,
+                resume: bool = True) -> None:
     out_dir = os.path.abspath(out_dir)  # the fork runner works inside the copy
     os.makedirs(out_dir, exist_ok=True)
     results = os.path.join(out_dir, "results.jsonl")
     done = set()
-    if os.path.exists(results):  # resume: skip mutants already recorded
+    if resume and os.path.exists(results):  # resume: skip mutants already recorded
         with open(results, encoding="utf-8") as f:
             done = {json.loads(ln)["id"] for ln in f if ln.strip()}
     tmp = tempfile.mkdtemp(prefix="attnedit_mutate_")
@@ -456,6 +457,8 @@ def main(argv=None) -> int:
     rn.add_argument("--mode", choices=("fork", "subprocess"), default="fork")
     rn.add_argument("--timeout", type=float, help="seconds per mutant (default 3 x baseline + 20)")
     rn.add_argument("--tests", nargs="*", help="test files to run instead of the mapped ones")
+    rn.add_argument("--survivors", action="store_true",
+                    help="re-run only the survivors recorded in OUT/results.jsonl (after adding tests)")
     vf = sub.add_parser("verify", help="re-run the survivors of a results file in subprocess mode")
     vf.add_argument("results")
     vf.add_argument("--timeout", type=float)
@@ -503,7 +506,10 @@ def main(argv=None) -> int:
         shutil.rmtree(verify_dir, ignore_errors=True)
         return 0
     mutants = planted() if args.planted else select(args.files, args.ops, args.lines)
-    run_mutants(mutants, args.out, args.mode, args.timeout, args.tests)
+    if args.survivors:
+        alive = {r["id"] for r in load(os.path.join(args.out, "results.jsonl")) if r["status"] == "survived"}
+        mutants = [m for m in mutants if m.id in alive]
+    run_mutants(mutants, args.out, args.mode, args.timeout, args.tests, resume=not args.survivors)
     return 0
 
 
