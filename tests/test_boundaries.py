@@ -386,7 +386,7 @@ def blend_ctx(step, total=10):
     run.sums[("cross", layers.SEMANTIC_LEVEL)] = maps
     run.counts[("cross", layers.SEMANTIC_LEVEL)] = 1
     run.grids[("cross", layers.SEMANTIC_LEVEL)] = (2, 2)
-    x_next = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+    x_next = torch.stack([torch.full((1, 4, 4), 0.25), torch.ones(1, 4, 4)])
     return edit_mod.StepContext(step, run.sigmas, (SOURCE, TARGET), x_next.clone(), FakeDenoiser(run), {},
                                 torch.zeros(total + 1, 1, 4, 4), x_next=x_next)
 
@@ -399,10 +399,10 @@ def test_p2p_local_blend_starts_at_int_start_times_steps():
     assert before.x_next[1].eq(1).all() and "local_blend_mask" not in before.state
     first = blend_ctx(2)
     hook.after_step(first)
-    expected = torch.zeros(1, 4, 4)
+    expected = torch.full((1, 4, 4), 0.25)
     expected[:, :2, :2] = 1  # inside the union of both words' masks the target keeps its latent, outside it takes
-    expected[:, 2:, 2:] = 1  # the source's
-    assert torch.equal(first.x_next[1], expected) and first.x_next[0].eq(0).all()
+    expected[:, 2:, 2:] = 1  # the source's (0.25)
+    assert torch.equal(first.x_next[1], expected) and first.x_next[0].eq(0.25).all()
     last = blend_ctx(9)
     hook.after_step(last)
     assert torch.equal(last.x_next[1], expected)

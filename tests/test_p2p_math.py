@@ -166,6 +166,8 @@ def test_replace_controller_maps_source_to_target_and_blend_tokens(clip):
     assert ctrl.cross_windows.shape == (77, 2) and bool((ctrl.cross_windows == torch.tensor([0.0, 0.7],
                                                                                              dtype=torch.float64)).all())
     fluffy = tok(clip, "a photo of a fluffy cat")
+    refine = p2p.build_controller(src, fluffy, lookup, "refine", 0.8, 0.4)  # aligned source -> target, not reverse
+    assert refine.mapper[:8].tolist() == [0, 1, 2, 3, 4, 0, 5, 6] and refine.alphas[:8].tolist() == [1, 1, 1, 1, 1, 0, 1, 1]
     assert p2p.blend_tokens(src, fluffy, lookup, ["cat", "fluffy"]) == ((5,), (5, 6))
     assert p2p.blend_tokens(src, fluffy, lookup, ["fluffy"]) == ((), (5,))
     with pytest.raises(tokens.PromptError, match="local blend word 'dog' is in neither prompt"):
