@@ -550,6 +550,11 @@ def test_mask_contract_edges():
     narrow = torch.zeros(1, 3, 2)
     narrow[0, 0] = 1
     assert torch.allclose(ops.mask_to_grid(narrow, (2, 4))[0, 0, 0], torch.full((4,), 2 / 3))
+    # the branch is chosen from the mask's sides only (not its batch): each image as if alone
+    pair = torch.zeros(2, 4, 5)
+    pair[:, :, 4] = 1
+    alone = torch.cat([ops.mask_to_grid(pair[i:i + 1], (2, 2)) for i in range(2)])
+    assert torch.equal(ops.mask_to_grid(pair, (2, 2)), alone) and alone[:, 0, :, 1].gt(0).all()
     assert ops.mask_to_grid(torch.full((1, 2, 2), 2.0), (1, 1)).item() == 1.0
     assert ops.mask_to_grid(torch.full((1, 2, 2), -1.0), (1, 1)).item() == 0.0
     # grid -> image: bilinear with align_corners=False, clamped
