@@ -113,6 +113,8 @@ def test_vp_conversion_and_ddim_timesteps():
     assert torch.allclose(schedule.to_vp(torch.tensor([2.0]), 3.0), torch.tensor([2.0 / math.sqrt(10)]))
     assert schedule.ddim_timesteps(4) == [1, 251, 501, 751]
     assert schedule.ddim_timesteps(3, 10) == [1, 4, 7]  # stride 10 // 3 = 3; 10 is past the table
+    assert schedule.ddim_timesteps(1) == [1]
+    assert schedule.ddim_timesteps(20, 10) == list(range(1, 10))  # stride at least 1; t = 10 is past the table
     table = torch.arange(1000, dtype=torch.float32)
     assert schedule.ddim_sigmas(table, 4).tolist() == [751.0, 501.0, 251.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
