@@ -557,6 +557,11 @@ def test_mask_contract_edges():
     pair[:, :, 4] = 1
     alone = torch.cat([ops.mask_to_grid(pair[i:i + 1], (2, 2)) for i in range(2)])
     assert torch.equal(ops.mask_to_grid(pair, (2, 2)), alone) and alone[:, 0, :, 1].gt(0).all()
+    # the area branch needs BOTH sides >= the grid's (3 -> 5 rows is coverage: 2/3, not the area bins' 1/2)
+    short = torch.zeros(1, 3, 8)
+    short[0, 0] = 1
+    assert torch.allclose(ops.mask_to_grid(short, (5, 4))[0, 0, 1], torch.full((4,), 2 / 3))
+    assert torch.allclose(ops.mask_to_grid(short.transpose(1, 2), (4, 5))[0, 0, :, 1], torch.full((4,), 2 / 3))
     assert ops.mask_to_grid(torch.full((1, 2, 2), 2.0), (1, 1)).item() == 1.0
     assert ops.mask_to_grid(torch.full((1, 2, 2), -1.0), (1, 1)).item() == 0.0
     # grid -> image: bilinear with align_corners=False, clamped
