@@ -562,6 +562,10 @@ def test_mask_contract_edges():
     short[0, 0] = 1
     assert torch.allclose(ops.mask_to_grid(short, (5, 4))[0, 0, 1], torch.full((4,), 2 / 3))
     assert torch.allclose(ops.mask_to_grid(short.transpose(1, 2), (4, 5))[0, 0, :, 1], torch.full((4,), 2 / 3))
+    # a side with a remainder is never average-pooled (that would drop its last pixel row)
+    rest = torch.zeros(1, 5, 4)
+    rest[0, 4] = 1
+    assert torch.allclose(ops.mask_to_grid(rest, (2, 2))[0, 0, 1], torch.full((2,), 1 / 3))
     assert ops.mask_to_grid(torch.full((1, 2, 2), 2.0), (1, 1)).item() == 1.0
     assert ops.mask_to_grid(torch.full((1, 2, 2), -1.0), (1, 1)).item() == 0.0
     # grid -> image: bilinear with align_corners=False, clamped
