@@ -151,3 +151,24 @@ def test_controller_constants_reach_the_device_once_per_run_and_stay_out_of_auto
     assert torch.equal(out[:3], probs[:3]) and probs.grad is not None
     run.clear()
     assert not run._memo
+
+
+def test_replace_controller_maps_source_to_target_and_blend_tokens(clip):
+    """mode "replace" builds the word-swap mapper source -> target (not target -> source: "cat" is one token,
+    "grimalkin" three), the self window (0, self_replace) and the cross window (0, cross_replace) for every token;
+    local-blend words are looked up in both prompts."""
+    src, tgt = tok(clip, "a photo of a cat"), tok(clip, "a photo of a grimalkin")
+    lookup = lambda w: tokens.word_token_ids(clip, w)  # noqa: E731
+    ctrl = p2p.build_controller(src, tgt, lookup, "replace", 0.7, 0.3)
+    assert torch.equal(ctrl.mapper, seq_align.replacement_mapper(src, tgt))
+    assert ctrl.mapper[5, 6] == pytest.approx(1 / 3) and ctrl.mapper[6, 5] == 0
+    assert ctrl.self_window == (0.0, 0.3) and ctrl.alphas is None and ctrl.equalizer is None
+    assert ctrl.cross_windows.shape == (77, 2) and bool((ctrl.cross_windows == torch.tensor([0.0, 0.7],
+                                                                                             dtype=torch.float64)).all())
+    fluffy = tok(clip, "a photo of a fluffy cat")
+    refine = p2p.build_controller(src, fluffy, lookup, "refine", 0.8, 0.4)  # aligned source -> target, not reverse
+    assert refine.mapper[:8].tolist() == [0, 1, 2, 3, 4, 0, 5, 6] and refine.alphas[:8].tolist() == [1, 1, 1, 1, 1, 0, 1, 1]
+    assert p2p.blend_tokens(src, fluffy, lookup, ["cat", "fluffy"]) == ((5,), (5, 6))
+    assert p2p.blend_tokens(src, fluffy, lookup, ["fluffy"]) == ((), (5,))
+    with pytest.raises(tokens.PromptError, match="local blend word 'dog' is in neither prompt"):
+        p2p.blend_tokens(src, fluffy, lookup, ["dog"])

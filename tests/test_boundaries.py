@@ -1,0 +1,578 @@
+"""Boundary pins (issue 22): exact thresholds, the step before / first step / last step of every window, level
+filters, non-symmetric inputs and odd latent sides. Each test names the planted bug it kills; no model is run.
+
+The table of what is pinned where is tests/README.md; tools/mutate.py checks that these tests kill planted edits.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import pkg
+
+ddim = pkg("inversion.ddim")
+null_text = pkg("inversion.null_text")
+schedule = pkg("inversion.schedule")
+p2p = pkg("attention.p2p")
+layers = pkg("attention.layers")
+run_mod = pkg("attention.run")
+edit_mod = pkg("inversion.edit")
+ops = pkg("masks.ops")
+local_blend = pkg("masks.local_blend")
+
+SOURCE, TARGET = run_mod.SOURCE, run_mod.TARGET
+
+
+# ------------------------------------------------------------------------------------------------ DDIM inversion
+def eps_model(z, sigma):
+    """An analytic eps_theta(z_t, sigma): depends on its DDPM-space input and on the level, non-linearly."""
+    return 0.3 * z + 0.05 * z**2 + 0.1 * sigma
+
+
+class RecordingDenoiser:
+    """Model-space denoiser x0_hat(x, sigma) = x - sigma * eps_theta(x / sqrt(1 + sigma^2), sigma) that records its
+    inputs (ComfyUI's eps-prediction convention: the UNet sees the DDPM latent z = x / sqrt(1 + sigma^2))."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, sigma):
+        self.calls.append((x.clone(), float(sigma)))
+        return x - sigma * eps_model(x / math.sqrt(1 + sigma**2), sigma)
+
+
+def reference_next_step(z, sigma, sigma_next):
+    """The null-text / P2P reference `next_step` in DDPM space: eps = unet(z_t, t_next);
+    x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t); z_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps."""
+    a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    eps = eps_model(z, sigma_next)
+    x0 = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    return math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+
+
+def test_ddim_inverse_step_matches_the_reference_and_feeds_the_latent_rescaled_to_the_next_level():
+    """Kills: the UNet fed x (level sigma) instead of x * sqrt((1 + sigma_next^2) / (1 + sigma^2)); sigma instead of
+    sigma_next as the model's level; a sign flip of the update."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 3, 5, generator=g, dtype=torch.float64)
+    sigma, sigma_next = 0.7, 2.3
+    den = RecordingDenoiser()
+    out = ddim.ddim_inverse_step(x, den, sigma, sigma_next)
+    assert len(den.calls) == 1
+    x_in, level = den.calls[0]
+    assert level == sigma_next
+    assert torch.allclose(x_in, x * math.sqrt((1 + sigma_next**2) / (1 + sigma**2)), rtol=1e-12, atol=0)
+    z = x / math.sqrt(1 + sigma**2)  # DDPM latent at t
+    expected = reference_next_step(z, sigma, sigma_next) * math.sqrt(1 + sigma_next**2)  # back to model space
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ddim_step_and_sampling_order_by_hand():
+    """Eq. 12 with eta = 0 in VE form: x_next = x0_hat + sigma_next * (x - x0_hat) / sigma; sigma = 0 returns x0_hat;
+    sample() visits the schedule in order and reports (i, x_next, x0_hat)."""
+    x, den = torch.tensor([3.0]), torch.tensor([1.0])
+    assert torch.allclose(ddim.ddim_step(x, den, 2.0, 0.5), torch.tensor([1.0 + 0.5 * (3.0 - 1.0) / 2.0]))
+    assert torch.equal(ddim.ddim_step(x, den, 0.0, 0.5), den)
+    assert torch.allclose(ddim.ddim_step(x, den, 1.0, 0.5), torch.tensor([2.0]))  # only sigma = 0 is special
+    rec = RecordingDenoiser()
+    seen = []
+    sigmas = torch.tensor([4.0, 2.0, 1.0, 0.0])
+    x0 = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    out = ddim.sample(rec, x0, sigmas, on_step=lambda i, xn, d: seen.append((i, xn.clone(), d.clone())))
+    assert [s for _x, s in rec.calls] == [4.0, 2.0, 1.0]
+    assert [i for i, _x, _d in seen] == [0, 1, 2]
+    x = x0
+    for i, (sig, nxt) in enumerate(((4.0, 2.0), (2.0, 1.0), (1.0, 0.0))):
+        assert torch.equal(rec.calls[i][0], x)
+        d = x - sig * eps_model(x / math.sqrt(1 + sig**2), sig)
+        x = d + nxt * (x - d) / sig
+        assert torch.allclose(seen[i][1], x) and torch.allclose(seen[i][2], d)
+    assert torch.allclose(out, x)
+
+
+def test_invert_walks_the_schedule_upwards_and_aligns_latents_with_sigmas():
+    """latents[S] = x0, latents[0] = x_T; step j goes from sigmas[S - j] to sigmas[S - j - 1] (kills off-by-one
+    indices and a reversed stack)."""
+    sigmas = torch.tensor([3.0, 1.5, 0.5, 0.0])
+    x0 = torch.tensor([[0.25, -0.75, 1.0]], dtype=torch.float64)
+    rec = RecordingDenoiser()
+    steps = []
+    lat = ddim.invert(rec, x0, sigmas, on_step=steps.append)
+    assert steps == [0, 1, 2]
+    assert [s for _x, s in rec.calls] == [0.5, 1.5, 3.0]  # the model is told the next (higher) level
+    assert lat.shape == (4, 1, 3) and torch.equal(lat[3], x0)
+    x = x0
+    for j, (sig, nxt) in enumerate(((0.0, 0.5), (0.5, 1.5), (1.5, 3.0))):
+        z = x / math.sqrt(1 + sig**2)
+        x = reference_next_step(z, sig, nxt) * math.sqrt(1 + nxt**2)
+        assert torch.allclose(lat[2 - j], x, rtol=1e-10, atol=1e-12)
+
+
+def test_vp_conversion_and_ddim_timesteps():
+    assert float(schedule.alpha_bar(3.0)) == pytest.approx(0.1)
+    assert torch.allclose(schedule.to_vp(torch.tensor([2.0]), 3.0), torch.tensor([2.0 / math.sqrt(10)]))
+    assert schedule.ddim_timesteps(4) == [1, 251, 501, 751]
+    assert schedule.ddim_timesteps(3, 10) == [1, 4, 7]  # stride 10 // 3 = 3; 10 is past the table
+    assert schedule.ddim_timesteps(1) == [1]
+    assert schedule.ddim_timesteps(20, 10) == list(range(1, 10))  # stride at least 1; t = 10 is past the table
+    table = torch.arange(1000, dtype=torch.float32)
+    assert schedule.ddim_sigmas(table, 4).tolist() == [751.0, 501.0, 251.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        schedule.ddim_timesteps(0)
+
+
+# ------------------------------------------------------------------------------------------------ null-text
+def test_null_text_schedule_constants():
+    """The official code's schedule: lr 1e-2 * (1 - i / 100), early stop at 1e-5 + i * 2e-5, 10 inner steps."""
+    assert null_text.null_text_lr(0) == pytest.approx(1e-2, rel=1e-12)
+    assert null_text.null_text_lr(49) == pytest.approx(0.51e-2, rel=1e-12)
+    assert null_text.null_text_threshold(0) == pytest.approx(1e-5, rel=1e-12)
+    assert null_text.null_text_threshold(10) == pytest.approx(2.1e-4, rel=1e-12)
+    assert null_text.NULL_TEXT_INNER_STEPS == 10
+
+
+def scripted(losses):
+    """predict(uncond) whose loss (with target 0 and sigma_next = 0, where x_next = x0_hat) follows `losses` call by
+    call; it keeps a graph through the embedding so the optimiser runs. Records the embeddings it was given."""
+    seen = []
+
+    def predict(emb):
+        k = len(seen)
+        seen.append(emb.detach().clone())
+        return torch.full((1, 4), math.sqrt(losses[min(k, len(losses) - 1)])) + emb.sum() * 0.0
+
+    return predict, seen
+
+
+def run_scripted(losses, step, **kw):
+    predict, seen = scripted(losses)
+    its = []
+    res = null_text.optimize_step(predict, torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(1, 2, 3), 1.0, 0.0,
+                                  step, on_iteration=its.append, **kw)
+    return res, seen, its
+
+
+def test_null_text_stops_at_the_first_loss_below_the_step_threshold():
+    """Step 0 threshold 1e-5: 5e-5 and 1.2e-5 go on, 0.9e-5 stops after iteration 4 (a 1e-4 base would stop at 2)."""
+    res, seen, its = run_scripted([4e-4, 5e-5, 1.2e-5, 0.9e-5, 1e-9], step=0)
+    assert res.iterations == 4 and its == [0, 1, 2, 3]
+    assert res.loss == pytest.approx(0.9e-5, rel=1e-5)
+    assert len(seen) == 5  # 4 iterations + the final prediction with the optimised embedding
+    # step 5: threshold 1.1e-4 (grows by 2e-5 per step): 1.2e-4 goes on, 1.05e-4 stops
+    res5, _seen, _its = run_scripted([3e-4, 1.2e-4, 1.05e-4, 1e-9], step=5)
+    assert res5.iterations == 3
+    # step 4: threshold 0.9e-4: 1.05e-4 does not stop, 0.85e-4 does
+    res4, _seen, _its = run_scripted([3e-4, 1.05e-4, 0.85e-4, 1e-9], step=4)
+    assert res4.iterations == 3
+    res4b, _seen, _its = run_scripted([3e-4, 1.05e-4, 0.95e-4, 1e-9], step=4)
+    assert res4b.iterations == 4
+
+
+def test_null_text_runs_at_most_inner_steps_and_returns_the_last_loss():
+    res, seen, its = run_scripted([1.0, 0.5, 0.25], step=0)
+    assert res.iterations == 10 and its == list(range(10)) and len(seen) == 11
+    assert res.loss == pytest.approx(0.25)
+    res3, _seen, _its = run_scripted([1.0], step=0, inner_steps=3)
+    assert res3.iterations == 3
+    res0, seen0, _its = run_scripted([1.0], step=0, inner_steps=0)  # no optimisation: warm start kept, loss unknown
+    assert res0.iterations == 0 and res0.loss == math.inf and len(seen0) == 1 and res0.uncond.eq(0).all()
+
+
+def test_null_text_adam_learning_rate_follows_the_step():
+    """Adam's first update moves each coordinate by lr (m / sqrt(v) = sign(g)): lr(30) = 0.7e-2, lr(0) = 1e-2."""
+    for step, lr in ((0, 1e-2), (30, 0.7e-2)):
+        seen = []
+
+        def predict(emb, seen=seen):
+            seen.append(emb.detach().clone())
+            return emb.reshape(1, -1)
+
+        start = torch.tensor([[[1.0, -2.0, 0.5]]])
+        res = null_text.optimize_step(predict, torch.zeros(1, 3), torch.zeros(1, 3), start, 1.0, 0.0, step,
+                                      inner_steps=1)
+        assert res.iterations == 1
+        assert torch.allclose(seen[1] - start, -lr * start.sign(), rtol=1e-4, atol=0)
+        assert torch.equal(res.uncond, seen[1])
+        assert res.loss == pytest.approx(float((start**2).mean()), rel=1e-6)  # loss of the iteration, before update
+        assert torch.allclose(res.x_next, seen[1].reshape(1, -1))
+
+
+def test_null_text_loss_is_measured_in_ddpm_space():
+    """Loss = mse(z_next, z*_next) with z = x / sqrt(1 + sigma_next^2) (kills a model-space loss or the wrong level)."""
+    x = torch.tensor([[2.0, -1.0]])
+    target = torch.tensor([[0.0, 0.0]])
+    sigma, sigma_next = 2.0, 3.0
+    x0_hat = torch.tensor([[1.0, 1.0]])
+    res = null_text.optimize_step(lambda emb: x0_hat + emb.sum() * 0, x, target, torch.zeros(1, 1, 2), sigma,
+                                  sigma_next, 0, inner_steps=1)
+    x_next = x0_hat + sigma_next * (x - x0_hat) / sigma
+    assert torch.allclose(res.x_next, x_next)
+    assert res.loss == pytest.approx(float((x_next**2).mean()) / (1 + sigma_next**2), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ P2P
+def swap_mapper():
+    """"a photo of a cat" -> "a photo of a grimalkin": source token 5 spread over target tokens 5..7, rest shifted."""
+    mapper = torch.zeros(77, 77)
+    for i in range(5):
+        mapper[i, i] = 1
+    mapper[5, 5:8] = 1 / 3
+    for k in range(69):
+        mapper[6 + k, 8 + k] = 1
+    return mapper
+
+
+def test_word_swap_mapper_is_applied_source_token_by_target_token():
+    """replace_attention: target[..., t] = sum_w source[..., w] * M[w, t]. A non-symmetric M (source word 5 spread
+    over target tokens 5..7, the rest shifted by 2) kills a transposed mapper."""
+    g = torch.Generator().manual_seed(1)
+    src = torch.rand(2, 3, 77, generator=g).softmax(-1)
+    out = p2p.replace_attention(src, swap_mapper())
+    for t in (5, 6, 7):
+        assert torch.allclose(out[..., t], src[..., 5] / 3)
+    assert torch.allclose(out[..., 8], src[..., 6]) and torch.allclose(out[..., 76], src[..., 74])
+    assert torch.equal(out[..., :5], src[..., :5])
+
+
+def make_call(run, kind, level, step, labels=(1, 0), heads=2, grid=(4, 4)):
+    rows = 2 * len(labels)
+    q = torch.zeros(rows, grid[0] * grid[1], 4 * heads)
+    k = torch.zeros(rows, 77 if kind == "cross" else q.shape[1], 4 * heads)
+    layout = run_mod.BatchLayout.from_call(rows, list(labels))
+    return run_mod.AttnCall(q, k, k, heads, kind, layers.AttnSite("output", 3, 0, level), grid, layout, run,
+                            float(run.sigmas[step]))
+
+
+def controller(self_window=(0.0, 0.4), cross=(0.0, 0.8), **kw):
+    windows = torch.tensor([list(cross)], dtype=torch.float64).repeat(77, 1)
+    return p2p.PromptToPrompt("reweight", None, None, windows, self_window, **kw)
+
+
+def test_p2p_self_attention_levels_and_window_steps():
+    """Self-attention is replaced only at levels >= 2 (the coarse ones: the reference's <= 32^2 queries) and only for
+    steps [int(S * s), int(S * e)): S = 10, window (0.2, 0.5) -> steps 2, 3, 4."""
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, TARGET))
+    ctrl = controller(self_window=(0.2, 0.5))
+    assert p2p.SELF_MIN_LEVEL == 2
+    inside = {(lvl, s) for lvl in (1, 2, 4, 8) for s in range(10) if ctrl.active(make_call(run, "self", lvl, s))}
+    assert inside == {(lvl, s) for lvl in (2, 4, 8) for s in (2, 3, 4)}
+    # default window (0, 0.4) of 50 steps: the first step is in, step 20 is the first one out
+    run50 = run_mod.RunState(torch.linspace(50, 0, 51), (SOURCE, TARGET))
+    ctrl50 = controller()
+    assert [ctrl50.active(make_call(run50, "self", 2, s)) for s in (0, 19, 20)] == [True, True, False]
+    assert p2p.self_window_steps((0.25, 0.5), 10) == (2, 5)
+    # a custom minimum level moves the filter
+    assert not controller(self_window=(0.0, 1.0), self_min_level=4).active(make_call(run, "self", 2, 0))
+    assert controller(self_window=(0.0, 1.0), self_min_level=4).active(make_call(run, "self", 4, 0))
+
+
+def test_p2p_cross_window_steps_and_rows():
+    """Cross-attention edited for steps [int(s * (S + 1)), int(e * (S + 1))): S = 10, (0.2, 0.8) -> steps 2..7; at
+    every level; never without a conditional target row."""
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, TARGET))
+    ctrl = controller(cross=(0.2, 0.8))
+    steps = [s for s in range(10) if ctrl.active(make_call(run, "cross", 4, s))]
+    assert steps == [2, 3, 4, 5, 6, 7]
+    assert p2p.window_steps((0.2, 0.8), 10) == (2, 8)
+    assert ctrl.active(make_call(run, "cross", 1, 3)) and ctrl.active(make_call(run, "cross", 8, 3))
+    assert not ctrl.active(make_call(run, "cross", 4, 3, labels=(1,)))  # no conditional chunk
+    assert not ctrl.active(make_call(run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, SOURCE)), "cross", 4, 3))
+    windows = torch.tensor([[0.0, 0.8], [0.2, 0.4], [0.5, 1.0]], dtype=torch.float64)
+    assert p2p.token_alpha(2, 10, windows).tolist() == [1, 1, 0]
+    assert p2p.token_alpha(1, 10, windows).tolist() == [1, 0, 0]
+    assert p2p.token_alpha(4, 10, windows).tolist() == [1, 0, 0]  # int(0.4 * 11) = 4 is out
+    assert p2p.token_alpha(5, 10, windows).tolist() == [1, 0, 1]
+    assert p2p.token_alpha(8, 10, windows).tolist() == [0, 0, 1]
+    # fractions where S + 1 and S (or S + 2) disagree: (0.55, 0.95) -> [6, 10), (0.5, 0.6) -> [5, 6) at S = 10
+    odd = torch.tensor([[0.55, 0.95], [0.5, 0.6]], dtype=torch.float64)
+    assert [p2p.token_alpha(s, 10, odd).tolist() for s in (4, 5, 6, 9, 10)] == [[0, 0], [0, 1], [1, 0], [1, 0], [0, 0]]
+    assert p2p.window_steps((0.55, 0.95), 10) == (6, 10) and p2p.window_steps((0.5, 0.6), 10) == (5, 6)
+    # the cross edit is active while ANY token's window is open (per-word windows may close earlier)
+    mixed = controller(cross=(0.0, 0.8))
+    mixed.cross_windows[6] = torch.tensor([0.0, 0.4], dtype=torch.float64)
+    assert [mixed.active(make_call(run, "cross", 4, s)) for s in (3, 4, 7, 8)] == [True, True, True, False]
+    assert p2p.CROSS_REPLACE_DEFAULT == 0.8 and p2p.SELF_REPLACE_DEFAULT == 0.4
+
+
+def test_p2p_replace_mode_edits_inside_each_tokens_window_only():
+    """Word swap through the controller: inside its window a target token reads the mapped source attention (a
+    non-symmetric mapper), outside it keeps the target's own; only the conditional target row changes."""
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, TARGET))
+    mapper = swap_mapper()
+    windows = torch.tensor([[0.0, 0.8]], dtype=torch.float64).repeat(77, 1)
+    windows[7] = torch.tensor([0.0, 0.4], dtype=torch.float64)  # token 7 closes at step int(0.4 * 11) = 4
+    ctrl = p2p.PromptToPrompt("replace", mapper, None, windows, (0.0, 0.4))
+    probs = torch.rand(4, 2, 16, 77, generator=torch.Generator().manual_seed(2))
+    out = ctrl.edit_probs(make_call(run, "cross", 4, 5), probs)
+    src, tgt = probs[2], probs[3]
+    assert torch.allclose(out[3, ..., 6], src[..., 5] / 3) and torch.allclose(out[3, ..., 5], src[..., 5] / 3)
+    assert torch.equal(out[3, ..., 7], tgt[..., 7])  # outside its window at step 5
+    assert torch.allclose(out[3, ..., 8:], src[..., 6:75]) and torch.equal(out[:3], probs[:3])
+    out3 = ctrl.edit_probs(make_call(run, "cross", 4, 3), probs)
+    assert torch.allclose(out3[3, ..., 7], src[..., 5] / 3)  # still inside at step 3
+
+
+def test_p2p_self_edit_reaches_the_output_through_dispatch():
+    """The controller edits probabilities (EDITS_PROBS): through run.dispatch the target row's self-attention output
+    is the source row's probabilities applied to the target's own values."""
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, TARGET))
+    g = torch.Generator().manual_seed(3)
+    call = make_call(run, "self", 2, 0)
+    call.q, call.k, call.v = (torch.randn(4, 16, 8, generator=g) for _ in range(3))
+    out = run_mod.dispatch(call, [controller()], lambda: None)
+    probs = pkg("attention.core").attention_probs(call.q, call.k, 2)
+    core = pkg("attention.core")
+    expected = core.apply_probs(probs[2:3], call.v[3:4], 2)
+    assert torch.allclose(out[3:4], expected, atol=1e-6)
+    assert torch.allclose(out[:3], core.apply_probs(probs[:3], call.v[:3], 2), atol=1e-6)
+
+
+def test_p2p_self_edit_copies_conditional_source_rows_only():
+    run = run_mod.RunState(torch.linspace(10, 0, 11), (SOURCE, TARGET))
+    call = make_call(run, "self", 2, 0)  # labels (1, 0): rows 0, 1 uncond; 2 source, 3 target
+    probs = torch.rand(4, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = controller().edit_probs(call, probs)
+    assert torch.equal(out[3], probs[2]) and torch.equal(out[:3], probs[:3])
+
+
+# ------------------------------------------------------------------------------------------------ local blend
+def test_local_blend_threshold_is_strict():
+    """Mask = (map / max) > threshold: a cell exactly at the threshold is outside."""
+    maps = torch.zeros(1, 4, 77)  # 2x2 grid
+    maps[0, :, 3] = torch.tensor([1.0, 0.5, 0.25, 0.75])
+    mask = p2p.local_blend_mask(maps, [[3]], (2, 2), (2, 2), threshold=0.5, dilation=0)
+    assert mask[0, 0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    mask = p2p.local_blend_mask(maps, [[3]], (2, 2), (2, 2), threshold=0.25, dilation=0)
+    assert mask[0, 0].tolist() == [[1.0, 1.0], [0.0, 1.0]]
+    assert local_blend.THRESHOLD == 0.3 and local_blend.DILATION == 1
+    hook = p2p.LocalBlend((1,), (1,))
+    assert (hook.threshold, hook.dilation, hook.start) == (0.3, 1, 0.2)
+    # defaults of the maths (threshold 0.3, k = 1): a 0.45 corner is in, a 0.3 one is out; an empty row stays a row
+    grid = torch.zeros(2, 25, 77)
+    grid[0, 0, 3], grid[0, 24, 3], grid[0, 4, 3] = 1.0, 0.45, 0.3
+    default = p2p.local_blend_mask(grid, [[3], []], (5, 5), (5, 5))
+    assert default.shape == (2, 1, 5, 5) and default[1].sum() == 0
+    expected = torch.zeros(5, 5)
+    expected[:2, :2] = 1
+    expected[3:, 3:] = 1
+    assert torch.equal(default[0, 0], expected)
+    # words' maps are summed before the max-normalisation; the store helper returns the same mask and the heat
+    maps[0, :, 4] = torch.tensor([0.0, 0.5, 0.0, 0.0])  # cell 1 -> 1.0, the max together with cell 0
+    mask2 = p2p.local_blend_mask(maps, [[3, 4]], (2, 2), (2, 2), threshold=0.75, dilation=0)
+    assert mask2[0, 0].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    m, heat = local_blend.local_blend(maps[0].view(2, 2, 77), [3, 4], (2, 2), threshold=0.75, dilation=0)
+    assert torch.equal(m, mask2[0, 0]) and torch.allclose(heat, torch.tensor([[1.0, 1.0], [0.25, 0.75]]))
+
+
+def test_local_blend_dilation_window_and_resize():
+    """k = 1: a 3x3 max-pool on the map grid, then nearest resize to the latent (one 3x3 block per cell at 3x)."""
+    maps = torch.zeros(1, 25, 77)
+    maps[0, 0, 2] = 1.0  # corner cell of a 5x5 grid
+    mask = p2p.local_blend_mask(maps, [[2]], (15, 15), (5, 5), threshold=0.3, dilation=1)[0, 0]
+    assert mask.sum() == 4 * 9 and mask[:6, :6].eq(1).all()
+    mask2 = p2p.local_blend_mask(maps, [[2]], (5, 5), (5, 5), threshold=0.3, dilation=2)[0, 0]
+    assert mask2.sum() == 9 and mask2[:3, :3].eq(1).all()
+
+
+class FakeDenoiser:
+    def __init__(self, run):
+        self.run = run
+
+
+def blend_ctx(step, total=10):
+    """Roles (source, target); the target word marks the top-left latent quarter, the source word the bottom-right."""
+    run = run_mod.RunState(torch.linspace(total, 0, total + 1), (SOURCE, TARGET))
+    maps = torch.zeros(2, 4, 77)
+    maps[1, 0, 5] = 1.0  # target word (token 5 of the target) at the top-left cell
+    maps[0, 3, 3] = 1.0  # source word (token 3 of the source) at the bottom-right cell
+    run.sums[("cross", layers.SEMANTIC_LEVEL)] = maps
+    run.counts[("cross", layers.SEMANTIC_LEVEL)] = 1
+    run.grids[("cross", layers.SEMANTIC_LEVEL)] = (2, 2)
+    x_next = torch.stack([torch.full((1, 4, 4), 0.25), torch.ones(1, 4, 4)])
+    return edit_mod.StepContext(step, run.sigmas, (SOURCE, TARGET), x_next.clone(), FakeDenoiser(run), {},
+                                torch.zeros(total + 1, 1, 4, 4), x_next=x_next)
+
+
+def test_p2p_local_blend_starts_at_int_start_times_steps():
+    """LocalBlend(start=0.2) with S = 10 blends from step 2 on: step 1 is untouched, step 2 is blended."""
+    hook = p2p.LocalBlend((3,), (5,), threshold=0.3, dilation=0, start=0.2)
+    before = blend_ctx(1)
+    hook.after_step(before)
+    assert before.x_next[1].eq(1).all() and "local_blend_mask" not in before.state
+    first = blend_ctx(2)
+    hook.after_step(first)
+    expected = torch.full((1, 4, 4), 0.25)
+    expected[:, :2, :2] = 1  # inside the union of both words' masks the target keeps its latent, outside it takes
+    expected[:, 2:, 2:] = 1  # the source's (0.25)
+    assert torch.equal(first.x_next[1], expected) and first.x_next[0].eq(0.25).all()
+    last = blend_ctx(9)
+    hook.after_step(last)
+    assert torch.equal(last.x_next[1], expected)
+    # start 0.25 of 10 steps -> int(2.5) = 2
+    at2 = blend_ctx(2)
+    p2p.LocalBlend((3,), (5,), dilation=0, start=0.25).after_step(at2)
+    assert torch.equal(at2.x_next[1], expected)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def test_mask_coverage_of_exactly_one_half_is_inside():
+    """A grid cell is inside a binary mask when coverage >= 0.5: the exactly half-covered cell is in, in every
+    branch of mask_to_grid (divisible pooling, area resize, coarser-than-grid coverage)."""
+    assert ops.BINARY_COVERAGE == 0.5
+    m = torch.zeros(1, 4, 4)
+    m[0, 0, :2] = 1  # cell (0, 0) of a 2x2 grid: 2 of its 4 pixels
+    m[0, 2, 2] = 1  # cell (1, 1): 1 of 4 pixels
+    assert ops.mask_to_grid(m, (2, 2), binary=True)[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert ops.mask_to_grid(m, (2, 2))[0, 0].tolist() == [[0.5, 0.0], [0.0, 0.25]]
+    # area resize (6 -> 4 is not a divisor: torch's adaptive pooling, bins [0, 2), [1, 3), [3, 5), [4, 6))
+    a = torch.zeros(1, 6, 6)
+    a[0, :, 0] = 1  # bin 0 half covered
+    a[0, :, 2] = 1  # bin 1 half covered
+    grid = ops.mask_to_grid(a, (4, 4))[0, 0, 0]
+    assert grid.tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert ops.mask_to_grid(a, (4, 4), binary=True)[0, 0, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    # coarser than the grid: 2 mask columns over 3 cells, the middle one half in each pixel
+    c = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    assert torch.allclose(ops.mask_to_grid(c, (4, 3))[0, 0], torch.tensor([[1.0, 0.5, 0.0]]).expand(4, 3))
+    assert ops.mask_to_grid(c, (4, 3), binary=True)[0, 0, 0].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_coverage_weights_and_small_mask_helpers():
+    cov = ops._coverage(2, 3)
+    assert torch.allclose(cov, torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]))
+    assert torch.allclose(ops._coverage(3, 2), torch.tensor([[2 / 3, 1 / 3, 0.0], [0.0, 1 / 3, 2 / 3]]))
+    one = torch.zeros(1, 1, 5, 5)
+    one[0, 0, 2, 2] = 1
+    assert ops.dilate(one, 0) is one
+    assert ops.dilate(one, 1).sum() == 9 and ops.dilate(one, 2).sum() == 25
+    assert ops.grid_to_image(torch.tensor([[[[1.0, 0.0]]]]), (2, 4))[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    assert not ops.aspect_mismatch((64, 64), (512, 512)) and ops.aspect_mismatch((64, 80), (512, 512))
+    assert not ops.aspect_mismatch((200, 201), (200, 200)) and ops.aspect_mismatch((100, 102), (100, 100))
+    assert ops.as_mask_batch(torch.full((1, 2, 2), -1.0), 1).eq(0).all()
+    with pytest.raises(ops.MaskError, match="no pixels"):
+        ops.as_mask_batch(torch.zeros(1, 0, 4), 1)
+
+
+# ------------------------------------------------------------------------------------------------ grids
+@pytest.mark.parametrize("hw, grids", [((14, 18), {1: (14, 18), 2: (7, 9), 4: (4, 5), 8: (2, 3)}),
+                                       ((15, 9), {1: (15, 9), 2: (8, 5), 4: (4, 3), 8: (2, 2)}),
+                                       ((64, 64), {1: (64, 64), 2: (32, 32), 4: (16, 16), 8: (8, 8)})])
+def test_semantic_grid_ceil_halves_like_query_grid_on_odd_sides(hw, grids):
+    """Each down-sampling ceil-halves (stride-2 conv, padding 1): 14x18 -> 7x9 -> 4x5 -> 2x3 (floor would give 3x4 at
+    level 4 and disagree with the attention layer's own grid)."""
+    for level, grid in grids.items():
+        assert layers.semantic_grid(hw, level) == grid
+        assert layers.query_grid(grid[0] * grid[1], hw) == (*grid, level)
+    assert layers.semantic_grid(hw) == grids[layers.SEMANTIC_LEVEL]
+    assert layers.SEMANTIC_LEVEL == 4 and layers.SELF_LEVEL_DPL == 2
+
+
+def test_query_grid_rejects_a_count_of_no_level():
+    with pytest.raises(ValueError, match="21 queries match no level of a 14x18 latent"):
+        layers.query_grid(21, (14, 18))
+    assert layers.query_grid(1, (3, 3)) == (1, 1, 4)
+    # thin latents: the loop halves while either side is > 1 (a 2x1 or 1x3 grid still has levels above it)
+    assert layers.query_grid(1, (2, 1)) == (1, 1, 2) and layers.query_grid(1, (1, 2)) == (1, 1, 2)
+    assert layers.query_grid(1, (1, 3)) == (1, 1, 4) and layers.query_grid(2, (3, 1)) == (2, 1, 2)
+    assert layers.query_grid(1, (3, 1)) == (1, 1, 4)
+    with pytest.raises(ValueError, match="0 queries match no level of a 4x4 latent"):
+        layers.query_grid(0, (4, 4))  # terminates at 1x1
+    assert layers.AttnSite("input", 4, 1, 2).key == ("input", 4, 1)
+
+
+# ------------------------------------------------------------------------------------------------ attention core
+def reference_attention(q, k, v, heads, key_mask=None):
+    """Per-head loops: head h owns columns [h D, (h + 1) D); softmax(q k^T / sqrt(D)) over the allowed keys."""
+    rows, n, inner = q.shape
+    d = inner // heads
+    probs = torch.zeros(rows, heads, n, k.shape[1], dtype=torch.float64)
+    out = torch.zeros(rows, n, inner, dtype=torch.float64)
+    for r in range(rows):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            logits = q[r, :, cols].double() @ k[r, :, cols].double().T / math.sqrt(d)
+            if key_mask is not None:
+                allowed = key_mask[r, 0].expand(n, -1)
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            p = torch.nan_to_num(logits.softmax(-1), nan=0.0)
+            probs[r, h] = p
+            out[r, :, cols] = p @ v[r, :, cols].double()
+    return probs, out
+
+
+def test_attention_probs_and_masked_attention_against_per_head_loops():
+    """[R, N, H*D] head split, 1 / sqrt(D) scale (D != N != T), softmax over keys, a fully masked query -> 0."""
+    core = pkg("attention.core")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 3, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    probs, out = reference_attention(q, k, v, 2)
+    assert torch.allclose(core.attention_probs(q, k, 2).double(), probs, atol=1e-6)
+    assert torch.allclose(core.apply_probs(probs.float(), v, 2).double(), out, atol=1e-5)
+    assert torch.allclose(core.masked_attention(q, k, v, 2).double(), out, atol=1e-5)
+    mask = torch.rand(2, 1, 3, 5, generator=g) > 0.4
+    mask[0, 0, 1] = False  # query 1 of row 0 may attend nothing
+    mask[1, 0, 2] = True
+    probs_m, out_m = reference_attention(q, k, v, 2, mask)
+    got = core.attention_probs(q, k, 2, key_mask=mask)
+    assert torch.allclose(got.double(), probs_m, atol=1e-6) and got[0, :, 1].eq(0).all()
+    got_out = core.masked_attention(q, k, v, 2, key_mask=mask)
+    assert torch.allclose(got_out.double(), out_m, atol=1e-5) and got_out[0, 1].eq(0).all()
+    split = core.split_heads(q, 2)
+    assert split.shape == (2, 2, 3, 4) and torch.equal(split[1, 1, 2], q[1, 2, 4:])
+    assert torch.equal(core.merge_heads(split), q)
+
+
+def test_mask_contract_edges():
+    """as_mask_batch: every empty side is rejected, one-pixel sides are fine, [B, 1, H, W] of any batch, a NaN
+    anywhere; mask_to_grid: one side divisible and the other not, non-square pooling, the area / coverage branch
+    choice at equal sizes, values outside [0, 1]; grid_to_image's bilinear corners; aspect_mismatch at its edges."""
+    for shape in ((0, 4, 4), (1, 0, 4), (1, 4, 0)):
+        with pytest.raises(ops.MaskError, match="no pixels"):
+            ops.as_mask_batch(torch.zeros(shape), 1)
+    assert ops.as_mask_batch(torch.ones(1, 1, 4), 2).shape == (2, 1, 4)
+    assert ops.as_mask_batch(torch.ones(1, 4, 1), 1).shape == (1, 4, 1)
+    assert ops.as_mask_batch(torch.ones(2, 1, 5), 2).shape == (2, 1, 5)  # a 3-D mask with one row is not [B, 1, ...]
+    assert ops.as_mask_batch(torch.ones(2, 1, 4, 4), 2).shape == (2, 4, 4)
+    part = torch.zeros(1, 3, 3)
+    part[0, 1, 1] = float("nan")
+    with pytest.raises(ops.MaskError, match="NaN"):
+        ops.as_mask_batch(part, 1)
+    # one side divisible, the other not: the output has the grid's size either way
+    assert ops.mask_to_grid(torch.ones(1, 8, 10), (4, 4)).shape == (1, 1, 4, 4)
+    assert ops.mask_to_grid(torch.ones(1, 10, 8), (4, 4)).shape == (1, 1, 4, 4)
+    tall = torch.zeros(1, 8, 4)
+    tall[0, :4, :2] = 1
+    assert ops.mask_to_grid(tall, (2, 2))[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]  # 4x2 pooling windows
+    # equal height, wider mask: torch's area resize (bins [0, 2), [1, 3), ...), not the coverage branch (2/3)
+    wide = torch.zeros(1, 4, 6)
+    wide[0, :, 0] = 1
+    assert ops.mask_to_grid(wide, (4, 4))[0, 0, 0].tolist() == [0.5, 0.0, 0.0, 0.0]
+    assert ops.mask_to_grid(wide.transpose(1, 2), (4, 4))[0, 0, :, 0].tolist() == [0.5, 0.0, 0.0, 0.0]
+    # taller than the grid but narrower: the exact coverage branch (row cell 0 = 2/3 of pixel row 0)
+    narrow = torch.zeros(1, 3, 2)
+    narrow[0, 0] = 1
+    assert torch.allclose(ops.mask_to_grid(narrow, (2, 4))[0, 0, 0], torch.full((4,), 2 / 3))
+    # the branch is chosen from the mask's sides only (not its batch): each image as if alone
+    pair = torch.zeros(2, 4, 5)
+    pair[:, :, 4] = 1
+    alone = torch.cat([ops.mask_to_grid(pair[i:i + 1], (2, 2)) for i in range(2)])
+    assert torch.equal(ops.mask_to_grid(pair, (2, 2)), alone) and alone[:, 0, :, 1].gt(0).all()
+    # the area branch needs BOTH sides >= the grid's (3 -> 5 rows is coverage: 2/3, not the area bins' 1/2)
+    short = torch.zeros(1, 3, 8)
+    short[0, 0] = 1
+    assert torch.allclose(ops.mask_to_grid(short, (5, 4))[0, 0, 1], torch.full((4,), 2 / 3))
+    assert torch.allclose(ops.mask_to_grid(short.transpose(1, 2), (4, 5))[0, 0, :, 1], torch.full((4,), 2 / 3))
+    # a side with a remainder is never average-pooled (that would drop its last pixel row)
+    rest = torch.zeros(1, 5, 4)
+    rest[0, 4] = 1
+    assert torch.allclose(ops.mask_to_grid(rest, (2, 2))[0, 0, 1], torch.full((2,), 1 / 3))
+    assert ops.mask_to_grid(torch.full((1, 2, 2), 2.0), (1, 1)).item() == 1.0
+    assert ops.mask_to_grid(torch.full((1, 2, 2), -1.0), (1, 1)).item() == 0.0
+    # grid -> image: bilinear with align_corners=False, clamped
+    smooth = ops.grid_to_image(torch.tensor([[[[1.0, 0.0]]]]), (1, 4), smooth=True)[0, 0]
+    assert torch.allclose(smooth, torch.tensor([1.0, 0.75, 0.25, 0.0]))
+    assert ops.grid_to_image(torch.full((1, 1, 2, 2), 2.0), (4, 4)).max() == 1.0
+    assert ops.grid_to_image(torch.full((1, 1, 2, 2), -1.0), (4, 4), smooth=True).min() == 0.0
+    # aspect: exactly at the tolerance is not a mismatch; one-pixel and zero sides do not divide by zero
+    assert not ops.aspect_mismatch((2, 3), (1, 1), tolerance=0.5) and ops.aspect_mismatch((2, 3), (1, 1), 0.49)
+    assert not ops.aspect_mismatch((1, 2), (1, 2)) and not ops.aspect_mismatch((0, 5), (0, 5))
