@@ -55,14 +55,14 @@ def _coverage(n_in: int, n_out: int) -> torch.Tensor:
 
 
 def mask_to_grid(mask: torch.Tensor, grid_hw: tuple[int, int], binary: bool = False) -> torch.Tensor:
-    """[B, H, W] mask -> [B, 1, h, w] on a grid by area averaging (exact for masks made of whole grid cells)."""
+    """[B, H, W] mask -> [B, 1, h, w] on a grid by exact area averaging: each cell is the share of its area that the
+    mask covers, for any ratio of sizes (whole-pixel pooling when the sides divide)."""
     m = mask[:, None].float()
     h, w = grid_hw
     if m.shape[-2] % h == 0 and m.shape[-1] % w == 0:
         grid = F.avg_pool2d(m, (m.shape[-2] // h, m.shape[-1] // w))
-    elif m.shape[-2] >= h and m.shape[-1] >= w:
-        grid = F.interpolate(m, size=(h, w), mode="area")
-    else:  # a mask coarser than the grid: each cell takes the area-weighted mask pixels it lies in
+    else:  # each cell takes the mask pixels it overlaps, weighted by the overlap's area (torch's "area" resize is
+        # adaptive pooling over whole-pixel bins, not this, when the ratio is not an integer)
         rows, cols = _coverage(m.shape[-2], h).to(m), _coverage(m.shape[-1], w).to(m)
         grid = torch.einsum("ip,bcpq,jq->bcij", rows, m, cols)
     return (grid >= BINARY_COVERAGE).float() if binary else grid.clamp(0, 1)

@@ -417,20 +417,21 @@ def test_p2p_local_blend_starts_at_int_start_times_steps():
 # ------------------------------------------------------------------------------------------------ masks
 def test_mask_coverage_of_exactly_one_half_is_inside():
     """A grid cell is inside a binary mask when coverage >= 0.5: the exactly half-covered cell is in, in every
-    branch of mask_to_grid (divisible pooling, area resize, coarser-than-grid coverage)."""
+    branch of mask_to_grid (divisible pooling, exact area shares for any other ratio)."""
     assert ops.BINARY_COVERAGE == 0.5
     m = torch.zeros(1, 4, 4)
     m[0, 0, :2] = 1  # cell (0, 0) of a 2x2 grid: 2 of its 4 pixels
     m[0, 2, 2] = 1  # cell (1, 1): 1 of 4 pixels
     assert ops.mask_to_grid(m, (2, 2), binary=True)[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
     assert ops.mask_to_grid(m, (2, 2))[0, 0].tolist() == [[0.5, 0.0], [0.0, 0.25]]
-    # area resize (6 -> 4 is not a divisor: torch's adaptive pooling, bins [0, 2), [1, 3), [3, 5), [4, 6))
+    # not a divisor (6 -> 4: cells [0, 1.5), [1.5, 3), ...): exact area shares; pixel 0 at 0.25 and pixel 1 full
+    # cover (0.25 + 0.5) / 1.5 = one half of cell 0, and pixel 1's other half is a third of cell 1
     a = torch.zeros(1, 6, 6)
-    a[0, :, 0] = 1  # bin 0 half covered
-    a[0, :, 2] = 1  # bin 1 half covered
+    a[0, :, 0] = 0.25
+    a[0, :, 1] = 1
     grid = ops.mask_to_grid(a, (4, 4))[0, 0, 0]
-    assert grid.tolist() == [0.5, 0.5, 0.0, 0.0]
-    assert ops.mask_to_grid(a, (4, 4), binary=True)[0, 0, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert torch.allclose(grid, torch.tensor([0.5, 1 / 3, 0.0, 0.0]))
+    assert ops.mask_to_grid(a, (4, 4), binary=True)[0, 0, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
     # coarser than the grid: 2 mask columns over 3 cells, the middle one half in each pixel
     c = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
     assert torch.allclose(ops.mask_to_grid(c, (4, 3))[0, 0], torch.tensor([[1.0, 0.5, 0.0]]).expand(4, 3))
@@ -543,11 +544,12 @@ def test_mask_contract_edges():
     tall = torch.zeros(1, 8, 4)
     tall[0, :4, :2] = 1
     assert ops.mask_to_grid(tall, (2, 2))[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]  # 4x2 pooling windows
-    # equal height, wider mask: torch's area resize (bins [0, 2), [1, 3), ...), not the coverage branch (2/3)
+    # equal height, wider mask: exact coverage (pixel column 0 is 2/3 of cell 0), not torch's area-resize bins (1/2)
     wide = torch.zeros(1, 4, 6)
     wide[0, :, 0] = 1
-    assert ops.mask_to_grid(wide, (4, 4))[0, 0, 0].tolist() == [0.5, 0.0, 0.0, 0.0]
-    assert ops.mask_to_grid(wide.transpose(1, 2), (4, 4))[0, 0, :, 0].tolist() == [0.5, 0.0, 0.0, 0.0]
+    assert torch.allclose(ops.mask_to_grid(wide, (4, 4))[0, 0, 0], torch.tensor([2 / 3, 0.0, 0.0, 0.0]))
+    assert torch.allclose(ops.mask_to_grid(wide.transpose(1, 2), (4, 4))[0, 0, :, 0],
+                          torch.tensor([2 / 3, 0.0, 0.0, 0.0]))
     # taller than the grid but narrower: the exact coverage branch (row cell 0 = 2/3 of pixel row 0)
     narrow = torch.zeros(1, 3, 2)
     narrow[0, 0] = 1
@@ -557,15 +559,16 @@ def test_mask_contract_edges():
     pair[:, :, 4] = 1
     alone = torch.cat([ops.mask_to_grid(pair[i:i + 1], (2, 2)) for i in range(2)])
     assert torch.equal(ops.mask_to_grid(pair, (2, 2)), alone) and alone[:, 0, :, 1].gt(0).all()
-    # the area branch needs BOTH sides >= the grid's (3 -> 5 rows is coverage: 2/3, not the area bins' 1/2)
+    # a mask coarser than the grid on one side and finer on the other (3 -> 5 rows: pixel row 0 is 2/3 of cell 1)
     short = torch.zeros(1, 3, 8)
     short[0, 0] = 1
     assert torch.allclose(ops.mask_to_grid(short, (5, 4))[0, 0, 1], torch.full((4,), 2 / 3))
     assert torch.allclose(ops.mask_to_grid(short.transpose(1, 2), (4, 5))[0, 0, :, 1], torch.full((4,), 2 / 3))
-    # a side with a remainder is never average-pooled (that would drop its last pixel row)
+    # a side with a remainder is never average-pooled (that would drop its last pixel row): 5 -> 2 rows, the last
+    # pixel row is 1 / 2.5 of cell 1
     rest = torch.zeros(1, 5, 4)
     rest[0, 4] = 1
-    assert torch.allclose(ops.mask_to_grid(rest, (2, 2))[0, 0, 1], torch.full((2,), 1 / 3))
+    assert torch.allclose(ops.mask_to_grid(rest, (2, 2))[0, 0, 1], torch.full((2,), 0.4))
     assert ops.mask_to_grid(torch.full((1, 2, 2), 2.0), (1, 1)).item() == 1.0
     assert ops.mask_to_grid(torch.full((1, 2, 2), -1.0), (1, 1)).item() == 0.0
     # grid -> image: bilinear with align_corners=False, clamped
