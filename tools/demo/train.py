@@ -10,7 +10,8 @@ scenes, then folds the training latents' per-channel mean/std into quant_conv / 
 latent format (scale 0.18215) maps them to unit variance: the shipped VAE needs no custom latent format.
 Stage 2 trains ComfyUI's UNetModel (SD1 layout at model_channels 32, one res block per level) jointly with ComfyUI's
 SD1 CLIP text model (2 layers, width 64, ComfyUI's SD1 tokenizer) with the SD1 discrete noise schedule (linear betas
-0.00085..0.012, 1000 steps, eps prediction), batch 32, AdamW 6e-4, 10% caption dropout, EMA 0.999.
+0.00085..0.012, 1000 steps, eps prediction), batch 16 (half of each batch re-uses the previous step's scene latents with new noise), AdamW 6e-4, 10% caption
+dropout, EMA 0.999.
 
 Uses ComfyUI's own classes from COMFYUI_PATH (default ../shared/hosts/comfyui-0.3.64 next to the repository, else the
 CI host). Developer tooling: never imported by the pack.
@@ -56,8 +57,9 @@ VAE_DDCONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 128, "in_channels": 3, "out_ch": 3, "ch": 32,
     "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
 }
-VAE_STEPS, VAE_BATCH, VAE_LR, VAE_KL = 400, 8, 1e-3, 1e-6  # 400 steps: CPU time is scarce here
-BATCH, LR, WEIGHT_DECAY, WARMUP, DROPOUT, EMA_DECAY = 32, 6e-4, 0.01, 200, 0.1, 0.999
+VAE_STEPS, VAE_BATCH, VAE_LR, VAE_KL = 400, 4, 1e-3, 1e-6  # small: CPU time is scarce here (see docs/demo_model.md)
+BATCH, LR, WEIGHT_DECAY, WARMUP, DROPOUT, EMA_DECAY = 16, 6e-4, 0.01, 100, 0.1, 0.999
+FRESH = BATCH // 2  # new scenes per step; the other half are the previous step's scenes (latents reused, new noise)
 LOG = logging.getLogger("demo.train")
 
 
@@ -284,13 +286,16 @@ def train_diffusion(args, device, state: dict, out: str) -> None:
     elapsed0 = state.get("diffusion_seconds", 0.0)
     losses = []
     gen = torch.Generator().manual_seed(args.seed + 5)
+    prev = None
     while True:
-        imgs, caps, _ = world.batch(args.seed, step * BATCH, BATCH)
+        imgs, caps, _ = world.batch(args.seed, step * FRESH, FRESH if prev else BATCH)
+        with torch.no_grad():
+            fresh = vae.encode(to_tensor(imgs, device)) * LATENT_SCALE
+        x0, all_caps = (torch.cat([fresh, prev[0]]), caps + prev[1]) if prev else (fresh, caps)
+        prev = (fresh[:FRESH], caps[:FRESH])
         gen.manual_seed(args.seed * 1_000_003 + step)
         drop = torch.rand(BATCH, generator=gen) < DROPOUT
-        tokens = [empty if d else captions(c) for c, d in zip(caps, drop.tolist(), strict=True)]
-        with torch.no_grad():
-            x0 = vae.encode(to_tensor(imgs, device)) * LATENT_SCALE
+        tokens = [empty if d else captions(c) for c, d in zip(all_caps, drop.tolist(), strict=True)]
         t = torch.randint(0, 1000, (BATCH,), device=device)
         noise = torch.randn_like(x0)
         a = acp[t].view(-1, 1, 1, 1)
