@@ -57,7 +57,7 @@ VAE_DDCONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 128, "in_channels": 3, "out_ch": 3, "ch": 32,
     "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
 }
-VAE_STEPS, VAE_BATCH, VAE_LR, VAE_KL = 400, 4, 1e-3, 1e-6  # small: CPU time is scarce here (see docs/demo_model.md)
+VAE_STEPS, VAE_BATCH, VAE_LR, VAE_KL = 160, 4, 1.5e-3, 1e-6  # small: CPU time is scarce here (see docs/demo_model.md)
 BATCH, LR, WEIGHT_DECAY, WARMUP, DROPOUT, EMA_DECAY = 16, 6e-4, 0.01, 100, 0.1, 0.999
 FRESH = BATCH // 2  # new scenes per step; the other half are the previous step's scenes (latents reused, new noise)
 LOG = logging.getLogger("demo.train")
