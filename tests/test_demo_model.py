@@ -13,6 +13,7 @@ from conftest import HOST, call_node
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
+import tiny_models  # noqa: E402
 from demo import world  # noqa: E402
 
 VAE_PSNR_MIN = 20.0  # dB on 16 world scenes at 128 px; the random tiny VAE gets ~7 dB
@@ -77,7 +78,6 @@ def test_demo_loader_builds_an_sd1_family_model_with_comfyui_classes(demo):
 def test_demo_vae_reconstructs_world_scenes(demo):
     """Trained autoencoder: PSNR >= VAE_PSNR_MIN on held-out scenes (the random tiny VAE fails it)."""
     import nodes
-    import tiny_models
 
     imgs = torch.from_numpy(world.batch(424242, 0, 16)[0])
 
@@ -105,3 +105,23 @@ def test_demo_loader_names_a_missing_weights_file():
     cls = HOST.pack.NODE_CLASS_MAPPINGS["AttnEditDemoModel"]
     with pytest.raises(ValueError, match="`weights` 'nope.safetensors' is not in .*models/demo"):
         cls().load("nope.safetensors")
+
+
+def test_runner_without_checkpoint_edits_with_the_demo_model():
+    """scripts/run.sh with no arguments: the default workflow's loader becomes the demo model, the prompts and local
+    blend words become the demo's red -> blue circle, the image the demo asset; other workflows stay smoke runs."""
+    import run_workflow
+
+    args = run_workflow.parse_args([])
+    assert run_workflow.wants_demo(args)
+    assert not run_workflow.wants_demo(run_workflow.parse_args(["workflows/07_mag_edit.json"]))
+    assert not run_workflow.wants_demo(run_workflow.parse_args(["--checkpoint", "x.safetensors"]))
+    prompt = run_workflow.to_api(run_workflow.load_workflow(args.workflow))
+    swapped = run_workflow.use_demo_model(prompt, args)
+    by_type = {n["class_type"]: n["inputs"] for n in prompt.values()}
+    assert swapped and by_type["AttnEditDemoModel"] == {"weights": "attnedit_demo.safetensors"}
+    assert "CheckpointLoaderSimple" not in by_type
+    assert by_type["AttnEditInvert"]["source_prompt"] == "a red circle on a gray background"
+    assert by_type["AttnEditAttentionHook"]["target_prompt"] == "a blue circle on a gray background"
+    assert by_type["AttnEditAttentionHook"]["local_blend"] == "circle"
+    assert by_type["AttnEditInvert"]["steps"] == 20

@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     stage_image(prompt, args.image or (DEMO_IMAGE if demo else None), bool(smoke))
     if demo:
         print("=" * 78, file=sys.stderr)
-        print(f"DEMO RUN: no checkpoint found; nodes {', '.join(demo)} load the shipped DEMO MODEL (a tiny model of a "
+        print(f"DEMO RUN: no checkpoint found; loader node(s) {', '.join(demo)} now load the shipped DEMO MODEL (a tiny model of a "
               f"synthetic shapes world, models/demo) and edit {os.path.relpath(args.image or DEMO_IMAGE)}:\n"
               f"  '{args.source_prompt or DEMO_SOURCE}' -> '{args.target_prompt or DEMO_TARGET}' (128 px, steps "
               f"capped at {DEMO_CAPS['steps']}).\nIt only knows coloured circles/squares/triangles on gray/white/black. "
