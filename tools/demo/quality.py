@@ -52,6 +52,17 @@ def call(node_id: str, fn: str | None = None, **inputs):
     return out["result"] if isinstance(out, dict) else out
 
 
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "models", "demo", "attnedit_demo.safetensors")
+
+
+def shipped_training() -> dict:
+    """The shipped weights' training record (safetensors metadata: step, samples, seed, seconds, VAE PSNR)."""
+    from safetensors import safe_open
+
+    with safe_open(WEIGHTS, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_demo():
     return call("AttnEditDemoModel", weights="attnedit_demo.safetensors")
 
@@ -176,8 +187,10 @@ def table() -> str:
         s = word_swap_scores(res)
         lines.append(f"| {name} | {s['colour_share']:.2f} | {s['background_change']:.3f} | {s['object_iou']:.2f} |")
     gt = world.render(SOURCE)[1][0]
-    m = attention_mask(rows["P2P word swap + local blend 'circle'"].attention, "circle")
-    lines.append(f"\nMask from Attention (local blend, 'circle') IoU with the ground-truth object: {iou(m, gt):.2f}")
+    att = rows["P2P word swap + local blend 'circle'"].attention
+    for mode in ("local blend", "instant"):
+        m = attention_mask(att, "circle", mode)
+        lines.append(f"\nMask from Attention ({mode}, 'circle') IoU with the ground-truth object: {iou(m, gt):.2f}")
     return "\n".join(lines)
 
 

@@ -58,6 +58,7 @@ VAE_DDCONFIG = {
     "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
 }
 VAE_STEPS, VAE_BATCH, VAE_LR, VAE_KL = 160, 4, 1.5e-3, 1e-6  # small: CPU time is scarce here (see docs/demo_model.md)
+VAE_MORE_LR = 5e-4  # --more-vae-steps
 BATCH, LR, WEIGHT_DECAY, WARMUP, DROPOUT, EMA_DECAY = 16, 6e-4, 0.01, 100, 0.1, 0.999
 FRESH = BATCH // 2  # new scenes per step; the other half are the previous step's scenes (latents reused, new noise)
 LOG = logging.getLogger("demo.train")
@@ -206,21 +207,29 @@ def save(state: dict, out: str) -> None:
 
 
 def train_vae(args, device, state: dict, out: str) -> None:
-    torch.manual_seed(args.seed)
+    """Stage 1 from scratch, or (--more-vae-steps N) N more steps on the state's folded VAE at VAE_MORE_LR, re-folded
+    after; the diffusion weights are then dropped (their latent space changed)."""
+    more = "vae" in state
+    torch.manual_seed(args.seed + (state.get("vae_steps", VAE_STEPS) if more else 0))
     vae = build_vae().to(device)
-    init_weights(vae, args.seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
+    if more:
+        vae.load_state_dict(state["vae"])
+    else:
+        init_weights(vae, args.seed)
+    base_lr = VAE_MORE_LR if more else VAE_LR
+    opt = torch.optim.Adam(vae.parameters(), lr=base_lr)
     started = time.time()
-    total = args.vae_steps
+    total = args.more_vae_steps if more else args.vae_steps
+    first = state.get("vae_steps", VAE_STEPS) if more else 0
     for step in range(total):
-        x = to_tensor(world.batch(args.seed + 1000, step * VAE_BATCH, VAE_BATCH)[0], device)
+        x = to_tensor(world.batch(args.seed + 1000, (first + step) * VAE_BATCH, VAE_BATCH)[0], device)
         mean, logvar = vae_moments(vae, x)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         rec = vae.decoder(vae.post_quant_conv(z))
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + VAE_KL * kl
-        lr = VAE_LR * min(1.0, (step + 1) / 100) * (0.1 if step > 0.8 * total else 1.0)
+        lr = base_lr * min(1.0, (step + 1) / (20 if more else 100)) * (0.1 if step > 0.8 * total else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -240,8 +249,10 @@ def train_vae(args, device, state: dict, out: str) -> None:
         rec2 = vae.decode(vae.encode(x))
     LOG.info("vae done: held-out PSNR %.2f dB (after fold %.2f dB), latent stats %s, %.0fs", vae_psnr,
              psnr(rec2, x), json.dumps(stats), time.time() - started)
+    for key in ("model", "opt", "ema", "step", "rng", "diffusion_seconds"):
+        state.pop(key, None)
     state.update({"stage": "diffusion", "vae": vae.state_dict(), "vae_psnr": vae_psnr, "latent_stats": stats,
-                  "vae_seconds": time.time() - started})
+                  "vae_seconds": state.get("vae_seconds", 0) + time.time() - started, "vae_steps": first + total})
     save(state, out)
 
 
@@ -341,6 +352,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-hours", type=float, default=0.0, help="stop after this much diffusion training (0: never)")
     p.add_argument("--max-steps", type=int, default=0, help="stop at this diffusion step (0: never)")
     p.add_argument("--vae-steps", type=int, default=VAE_STEPS)
+    p.add_argument("--more-vae-steps", type=int, default=0,
+                   help="continue the saved VAE for this many steps, re-fold, and restart the diffusion stage")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logging.basicConfig(filename=os.path.join(args.out, "train.log"), level=logging.INFO,
@@ -353,7 +366,7 @@ def main(argv=None) -> int:
     state = torch.load(path, map_location=device, weights_only=True) if os.path.exists(path) else {
         "stage": "vae", "seed": args.seed, "command": " ".join(sys.argv)}
     LOG.info("command: %s (comfy %s, device %s, threads %d)", " ".join(sys.argv), comfy_path(), device, args.threads)
-    if state["stage"] == "vae":
+    if state["stage"] == "vae" or args.more_vae_steps:
         train_vae(args, device, state, args.out)
     train_diffusion(args, device, state, args.out)
     return 0
