@@ -114,6 +114,53 @@ def sdedit(bundle, scene: world.Scene, target_prompt: str, seed: int = 0) -> Edi
     return EditResult(img[0].clamp(0, 1).numpy())
 
 
+def decode(vae, latent) -> np.ndarray:
+    import nodes
+
+    with torch.inference_mode():
+        return nodes.VAEDecode().decode(vae, latent)[0][0].clamp(0, 1).numpy()
+
+
+def gt_mask(scene: world.Scene, index: int = 0, grow: int = 0) -> torch.Tensor:
+    """The ground-truth MASK [1, H, W] of object `index`, dilated by `grow` px."""
+    m = world.render(scene)[1][index]
+    return torch.from_numpy(dilate(m, grow) if grow else m).float()[None]
+
+
+def cpam_remove(bundle, scene: world.Scene, inversion=None) -> EditResult:
+    """CPAM 'remove object' with the ground-truth mask grown by 3 px (the workflow's advice: cover the outline)."""
+    model, clip, vae = bundle
+    inversion = inversion or invert(bundle, scene)[0]
+    patched = call("AttnEditCPAMSelfAttn", model=model, inversion=inversion, clip=clip,
+                   source_mask=gt_mask(scene, grow=3), target_prompt="", strategy="remove object")
+    latent = call("AttnEditEditSampler", model=patched[0], inversion=inversion, source_branch="pin to inversion")[0]
+    return EditResult(decode(vae, latent))
+
+
+MAG_ITERATIONS, MAG_GUIDANCE_STEPS, MAG_BLEND_STEPS, MAG_SCALE = 3, 5, 5, 2.5  # 10-step schedule; scale: workflow 07
+
+
+def mag_edit(bundle, scene: world.Scene, colour: str = TARGET_COLOUR, inversion=None) -> EditResult:
+    """MAG-Edit (P2P refine hook -> MAG-Edit Guidance with the ground-truth mask, target word = the new colour)."""
+    model, clip, vae = bundle
+    inversion = inversion or invert(bundle, scene)[0]
+    target = swap_colour(scene, 0, colour).caption
+    hooked = call("AttnEditAttentionHook", model=model, clip=clip, source_prompt=scene.caption, target_prompt=target,
+                  mode="refine", cross_replace=CROSS_REPLACE, self_replace=SELF_REPLACE)
+    guided = call("AttnEditMAGGuidance", model=hooked[0], inversion=inversion, mask=gt_mask(scene),
+                  target_words=colour, constraint="token_ratio", max_iterations=MAG_ITERATIONS,
+                  guidance_steps=MAG_GUIDANCE_STEPS, scale=MAG_SCALE, negative_words="", blend_steps=MAG_BLEND_STEPS)
+    latent = call("AttnEditEditSampler", model=guided[0], inversion=inversion)[0]
+    return EditResult(decode(vae, latent))
+
+
+def removal_scores(result: EditResult, scene: world.Scene = SOURCE) -> dict:
+    """background_share: share of the eroded object pixels nearest to the background colour (the object is gone)."""
+    ref, masks = world.render(scene)
+    return {"background_share": colour_share(result.image, masks[0], scene.background, scene.background),
+            "background_change": background_change(result.image, ref, masks[0])}
+
+
 def attention_mask(attention, words: str, mode: str = "local blend") -> np.ndarray:
     mask = call("AttnEditMaskFromAttention", attention=attention, mode=mode, words=words,
                 image=scene_image(SOURCE))[0]
@@ -140,7 +187,8 @@ def dilate(m: np.ndarray, r: int = 6) -> np.ndarray:
 def colour_share(img: np.ndarray, mask: np.ndarray, colour: str, background: str) -> float:
     """Share of the eroded mask's pixels whose nearest palette colour (objects + background) is `colour`."""
     names = (*world.COLOURS, background)
-    table = np.asarray([world.COLOURS.get(n, world.BACKGROUNDS.get(n)) for n in names], np.float32) / 255
+    table = np.asarray([world.COLOURS[n] if n in world.COLOURS else world.BACKGROUNDS[n] for n in names],
+                       np.float32) / 255
     px = img[erode(mask)]
     nearest = np.argmin(((px[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
     return float((nearest == names.index(colour)).mean())
@@ -181,12 +229,16 @@ def table() -> str:
         "P2P word swap, no local blend (baseline)": p2p(bundle, SOURCE, target, "", inv[0]),
         f"SDEdit, denoise {SDEDIT_DENOISE} (baseline)": sdedit(bundle, SOURCE, target),
     }
+    rows["MAG-Edit, ground-truth mask, target word 'blue'"] = mag_edit(bundle, SOURCE, inversion=inv[0])
     lines = ["| method | blue share in object (higher better) | background change (lower better) | object IoU "
              "(higher better) |", "|---|---|---|---|"]
     for name, res in rows.items():
         s = word_swap_scores(res)
         lines.append(f"| {name} | {s['colour_share']:.2f} | {s['background_change']:.3f} | {s['object_iou']:.2f} |")
     gt = world.render(SOURCE)[1][0]
+    r = removal_scores(cpam_remove(bundle, SOURCE, inv[0]))
+    lines.append(f"\nCPAM remove object: background share in the object {r['background_share']:.2f}, background "
+                 f"change {r['background_change']:.3f}")
     att = rows["P2P word swap + local blend 'circle'"].attention
     for mode in ("local blend", "instant"):
         m = attention_mask(att, "circle", mode)
