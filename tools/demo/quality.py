@@ -161,9 +161,31 @@ def removal_scores(result: EditResult, scene: world.Scene = SOURCE) -> dict:
             "background_change": background_change(result.image, ref, masks[0])}
 
 
-def attention_mask(attention, words: str, mode: str = "local blend") -> np.ndarray:
+TWO = world.make_scene([("circle", "red", 0.28, 0.5, 0.15), ("square", "blue", 0.72, 0.5, 0.15)], "gray")
+DPL_ITERATIONS = 5  # token and null-text iterations per step (paper: 21 / 10): CI time
+
+
+def dpl_attention(bundle, scene: world.Scene = TWO):
+    """Dynamic Prompt Learning inversion of a two-object scene with nouns "circle, square"; its attention store."""
+    model, clip, vae = bundle
+    return call("AttnEditDynamicPromptLearn", model=model, clip=clip, source_prompt=scene.caption,
+                nouns="circle, square", steps=STEPS, cfg=CFG, image=scene_image(scene), vae=vae,
+                token_iterations=DPL_ITERATIONS, null_text_iterations=DPL_ITERATIONS)[1]
+
+
+def maps_apart_scores(attention, scene: world.Scene = TWO) -> dict:
+    """Each noun's local-blend mask against both objects: own-object IoU, other-object IoU, and the two masks' IoU."""
+    masks = world.render(scene)[1]
+    circle = attention_mask(attention, "circle", image=scene_image(scene))
+    square = attention_mask(attention, "square", image=scene_image(scene))
+    return {"circle_own": iou(circle, masks[0]), "circle_other": iou(circle, masks[1]),
+            "square_own": iou(square, masks[1]), "square_other": iou(square, masks[0]),
+            "maps_overlap": iou(circle, square)}
+
+
+def attention_mask(attention, words: str, mode: str = "local blend", image=None) -> np.ndarray:
     mask = call("AttnEditMaskFromAttention", attention=attention, mode=mode, words=words,
-                image=scene_image(SOURCE))[0]
+                image=scene_image(SOURCE) if image is None else image)[0]
     return mask[0].numpy() >= 0.5
 
 
@@ -243,6 +265,11 @@ def table() -> str:
     for mode in ("local blend", "instant"):
         m = attention_mask(att, "circle", mode)
         lines.append(f"\nMask from Attention ({mode}, 'circle') IoU with the ground-truth object: {iou(m, gt):.2f}")
+    for name, att in (("null-text inversion (baseline)", invert(bundle, TWO)[5]), ("DPL", dpl_attention(bundle))):
+        d = maps_apart_scores(att)
+        lines.append(f"\nTwo objects, {name}: 'circle' mask IoU own/other {d['circle_own']:.2f}/{d['circle_other']:.2f}"
+                     f", 'square' own/other {d['square_own']:.2f}/{d['square_other']:.2f}, overlap of the two masks "
+                     f"{d['maps_overlap']:.2f}")
     return "\n".join(lines)
 
 
