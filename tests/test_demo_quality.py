@@ -25,6 +25,7 @@ OBJECT_IOU_MIN = 0.6  # the edited object's mask against the GT mask: it stays i
 MASK_IOU_MIN = 0.3  # Mask from Attention (local blend and InstDiffEdit instant, word "circle") against the GT object
 # CPAM remove object (ground-truth mask grown 3 px): the object's pixels become background, the rest stays.
 REMOVAL_BACKGROUND_SHARE_MIN = 0.6
+REMOVAL_MARGIN = 0.3  # ... and at least this much more than in the inversion's reconstruction (object still there)
 # MAG-Edit with the ground-truth mask, target word "blue": blue inside, nothing changes outside.
 MAG_BLUE_SHARE_MIN = 0.5
 # DPL on "a red circle and a blue square": each noun's mask overlaps its own object more than the other, and the two
@@ -53,7 +54,8 @@ def edits(demo):
             "no_blend": q.p2p(demo, q.SOURCE, target, "", inv[0]),
             "sdedit": q.sdedit(demo, q.SOURCE, target),
             "mag": q.mag_edit(demo, q.SOURCE, inversion=inv[0]),
-            "cpam_remove": q.cpam_remove(demo, q.SOURCE, inv[0])}
+            "cpam_remove": q.cpam_remove(demo, q.SOURCE, inv[0]),
+            "reconstruction": q.EditResult(q.decode(demo[2], inv[3]))}
 
 
 @needs_trained
@@ -76,6 +78,7 @@ def test_random_model_fails_the_word_swap_thresholds():
 @needs_trained
 def test_local_blend_keeps_the_background_better_than_the_baselines(edits):
     blend, no_blend, sdedit = (q.word_swap_scores(edits[k]) for k in ("blend", "no_blend", "sdedit"))
+    assert blend["colour_share"] >= BLUE_SHARE_MIN, blend  # the comparison means something once the edit happens
     assert blend["background_change"] <= no_blend["background_change"] + 1e-3, (blend, no_blend)
     assert blend["background_change"] < sdedit["background_change"], (blend, sdedit)
     assert blend["object_iou"] > sdedit["object_iou"], (blend, sdedit)
@@ -92,7 +95,9 @@ def test_mask_from_attention_overlaps_the_ground_truth_object(edits, mode):
 @needs_trained
 def test_cpam_removal_leaves_background_where_the_object_was(edits):
     s = q.removal_scores(edits["cpam_remove"])
+    kept = q.removal_scores(edits["reconstruction"])  # the inversion's reconstruction still shows the object
     assert s["background_share"] >= REMOVAL_BACKGROUND_SHARE_MIN, s
+    assert s["background_share"] >= kept["background_share"] + REMOVAL_MARGIN, (s, kept)
     assert s["background_change"] <= BACKGROUND_CHANGE_MAX, s
 
 
