@@ -7,7 +7,8 @@ WORKFLOW is a UI-format file saved by the ComfyUI frontend or an API-format prom
 example). Checkpoints are found through ComfyUI's folder_paths (models/checkpoints and extra_model_paths.yaml) or as
 an explicit path. Without any checkpoint the default workflow runs a DEMO EDIT on the shipped demo model (synthetic
 shapes world, models/demo): "a red circle on a gray background" -> "a blue circle on a gray background" on
-workflows/assets/demo_red_circle.png, a real edit in seconds on a CPU. Other workflows without a checkpoint run end to end
+workflows/assets/demo_red_circle.png, in seconds on a CPU (how recognisable the edit is depends on how far the shipped
+weights were trained: docs/demo_model.md). Other workflows without a checkpoint run end to end
 on a built-in tiny random model: a SMOKE RUN that exercises every node, whose pictures are noise (adapter loaders,
 ControlNetLoader, then load a tiny random T2I-Adapter). With a real checkpoint, adapters are found in models/controlnet. Images from SaveImage nodes are written to --out.
 """
