@@ -365,3 +365,80 @@ def run_sampler(model, positive: list, negative: list, latent: torch.Tensor, sig
     finally:
         run.clear()
     return box["result"]
+
+
+# ------------------------------------------------------------------------------------------------ demo model
+DEMO_LATENT_SCALE = 0.18215  # the SD1 latent format the demo VAE was folded to (tools/demo/train.py)
+
+
+def load_demo_model(path: str):
+    """(MODEL, CLIP, VAE) of the demo model file written by tools/demo/export.py, built from ComfyUI's own classes.
+
+    The UNet is ComfyUI's SD1-layout UNetModel inside a BaseModel whose config is a private subclass of
+    comfy.supported_models.SD15 (SD1 latent format 0.18215, discrete eps schedule); the text encoder is ComfyUI's SD1
+    CLIP (SD1 tokenizer) with the file's tiny CLIPTextModel config; the VAE is ComfyUI's AutoencoderKL. Nothing is
+    registered with ComfyUI. Token-embedding rows outside the demo vocabulary are zero.
+    """
+    import json
+    import os
+    import tempfile
+
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "attnedit-demo-1":
+        raise ValueError(f"demo weights {path!r} are not an Attention Edit demo file (format "
+                         f"{meta.get('format')!r}); re-export them with tools/demo/export.py")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    unet_cfg = json.loads(meta["unet_config"])
+    clip_config = json.loads(meta["clip_config"])
+    ddconfig = json.loads(meta["vae_ddconfig"])
+
+    class DemoSD15(comfy.supported_models.SD15):
+        """SD1.x family (subclass: family checks see SD1.x) at the demo model's widths."""
+
+        unet_config = {"context_dim": unet_cfg["context_dim"], "model_channels": unet_cfg["model_channels"]}
+        unet_extra_config = {"num_heads": unet_cfg["num_heads"], "num_head_channels": -1}
+
+    cfg = DemoSD15(dict(unet_cfg))
+    cfg.unet_config["dtype"] = torch.float32
+    base = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device=mm.unet_offload_device())
+    unet_sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+    base.diffusion_model.load_state_dict(unet_sd, strict=True)
+    base.to(torch.float32)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+
+    with tempfile.TemporaryDirectory(prefix="attnedit_demo_") as tmp:  # the 2024 host reads the config from a file
+        config_path = os.path.join(tmp, "clip_config.json")
+        with open(config_path, "w") as fh:
+            json.dump(clip_config, fh)
+        target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+        target.params = {"clip_model": comfy.sd1_clip.SDClipModel, "textmodel_json_config": config_path}
+        with torch.no_grad():
+            clip = comfy.sd.CLIP(target)
+    ids, rows = sd.pop("clip.sparse_token_ids"), sd.pop("clip.sparse_token_rows")
+    embedding = torch.zeros(clip_config["vocab_size"], clip_config["hidden_size"])
+    embedding[ids] = rows
+    clip_sd = {k[len("clip."):]: v for k, v in sd.items() if k.startswith("clip.")}
+    clip_sd["text_model.embeddings.token_embedding.weight"] = embedding
+    encoder = clip.cond_stage_model
+    encoder = getattr(encoder, encoder.clip)
+    with torch.no_grad():
+        missing, unexpected = encoder.transformer.load_state_dict(clip_sd, strict=False)
+    if unexpected or [k for k in missing if "position_ids" not in k]:
+        raise ValueError(f"demo weights {path!r} do not fit the text encoder (missing {missing}, unexpected "
+                         f"{unexpected}); re-export them with tools/demo/export.py")
+
+    vae_sd = {k[len("vae."):]: v for k, v in sd.items() if k.startswith("vae.")}
+    vae = comfy.sd.VAE(sd=vae_sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    return model, clip, vae

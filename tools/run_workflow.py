@@ -5,9 +5,12 @@
 
 WORKFLOW is a UI-format file saved by the ComfyUI frontend or an API-format prompt (default: the null-text word swap
 example). Checkpoints are found through ComfyUI's folder_paths (models/checkpoints and extra_model_paths.yaml) or as
-an explicit path. Without any checkpoint the workflow still runs end to end on a built-in tiny random model: a SMOKE
-RUN that exercises every node, whose pictures are noise (adapter loaders, ControlNetLoader, then load a tiny random
-T2I-Adapter). With a real checkpoint, adapters are found in models/controlnet. Images from SaveImage nodes are written to --out.
+an explicit path. Without any checkpoint the default workflow runs a DEMO EDIT on the shipped demo model (synthetic
+shapes world, models/demo): "a red circle on a gray background" -> "a blue circle on a gray background" on
+workflows/assets/demo_red_circle.png, in seconds on a CPU (how recognisable the edit is depends on how far the shipped
+weights were trained: docs/demo_model.md). Other workflows without a checkpoint run end to end
+on a built-in tiny random model: a SMOKE RUN that exercises every node, whose pictures are noise (adapter loaders,
+ControlNetLoader, then load a tiny random T2I-Adapter). With a real checkpoint, adapters are found in models/controlnet. Images from SaveImage nodes are written to --out.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ TINY_LOADER = "AttnEditTestTinyCheckpoint"
 SAM_NODES = {"AttnEditSAMMask"}  # nodes whose `sam_model` names a file in models/sams
 ADAPTER_LOADERS = {"ControlNetLoader"}
 TINY_ADAPTER_LOADER = "AttnEditTestTinyAdapter"
+DEMO_LOADER = "AttnEditDemoModel"
+DEMO_WEIGHTS = os.path.join(comfy_host.REPO_ROOT, "models", "demo", "attnedit_demo.safetensors")
+DEMO_IMAGE = os.path.join(comfy_host.REPO_ROOT, "workflows", "assets", "demo_red_circle.png")
+DEMO_SOURCE = "a red circle on a gray background"
+DEMO_TARGET = "a blue circle on a gray background"
+DEMO_WORDS = "circle"  # local blend and heat-map words of the demo edit
+DEMO_CAPS = {"steps": 20, "inner_steps": 5}  # the demo model at 128 px: a few seconds on a CPU
 
 
 class RunnerError(Exception):
@@ -198,6 +208,38 @@ def resolve_sam_models(prompt: dict) -> list[str]:
     return swapped
 
 
+def wants_demo(args: argparse.Namespace) -> bool:
+    """The default workflow with no checkpoint anywhere and the shipped demo weights present."""
+    import folder_paths
+
+    return (not args.checkpoint and os.path.abspath(args.workflow) == DEFAULT_WORKFLOW
+            and not folder_paths.get_filename_list("checkpoints") and os.path.isfile(DEMO_WEIGHTS))
+
+
+def use_demo_model(prompt: dict, args: argparse.Namespace) -> list[str]:
+    """Point the workflow at the demo model: loaders, prompts (unless given), local blend / heat-map words, step caps.
+    Returns the ids of the swapped loaders."""
+    swapped = []
+    for nid, node in prompt.items():
+        inputs = node["inputs"]
+        if node["class_type"] in CHECKPOINT_LOADERS:
+            node["class_type"], node["inputs"] = DEMO_LOADER, {"weights": os.path.basename(DEMO_WEIGHTS)}
+            swapped.append(nid)
+            continue
+        if args.source_prompt is None and isinstance(inputs.get("source_prompt"), str):
+            inputs["source_prompt"] = DEMO_SOURCE
+        if args.target_prompt is None and isinstance(inputs.get("target_prompt"), str):
+            inputs["target_prompt"] = DEMO_TARGET
+        if isinstance(inputs.get("local_blend"), str) and inputs["local_blend"]:
+            inputs["local_blend"] = DEMO_WORDS
+        if node["class_type"] == "AttnEditAttentionPreview":
+            inputs["words"] = DEMO_WORDS
+        for name, cap in DEMO_CAPS.items():
+            if isinstance(inputs.get(name), int) and inputs[name] > cap:
+                inputs[name] = cap
+    return swapped
+
+
 def stage_image(prompt: dict, image: str | None, smoke: bool) -> None:
     import folder_paths
     import tiny_models
@@ -240,8 +282,18 @@ def run(args: argparse.Namespace) -> int:
             raise RunnerError(f"--{name.replace('_', '-')} given but no node of the workflow has a {name} input")
     for spec in args.set:
         apply_set(prompt, spec)
-    smoke = resolve_checkpoints(prompt, args.checkpoint)
-    stage_image(prompt, args.image, bool(smoke))
+    demo = use_demo_model(prompt, args) if wants_demo(args) else []
+    smoke = [] if demo else resolve_checkpoints(prompt, args.checkpoint)
+    stage_image(prompt, args.image or (DEMO_IMAGE if demo else None), bool(smoke))
+    if demo:
+        print("=" * 78, file=sys.stderr)
+        print(f"DEMO RUN: no checkpoint found; loader node(s) {', '.join(demo)} now load the shipped DEMO MODEL (a tiny model of a "
+              f"synthetic shapes world, models/demo) and edit {os.path.relpath(args.image or DEMO_IMAGE)}:\n"
+              f"  '{args.source_prompt or DEMO_SOURCE}' -> '{args.target_prompt or DEMO_TARGET}' (128 px, steps "
+              f"capped at {DEMO_CAPS['steps']}).\nIt only knows coloured circles/squares/triangles on gray/white/black. "
+              f"For photos put an SD1.5 checkpoint in {folder_paths.get_folder_paths('checkpoints')[0]} or pass "
+              "--checkpoint PATH.", file=sys.stderr)
+        print("=" * 78, file=sys.stderr)
     if smoke:
         lowered = tiny_models.cap_for_smoke(prompt)
         print("=" * 78, file=sys.stderr)

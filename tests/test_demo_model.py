@@ -1,0 +1,129 @@
+"""The demo model: the synthetic world's determinism and ground truth, and the Attention Edit Demo Model loader
+(ComfyUI's own classes, shipped weights, nothing registered globally) on the host in COMFYUI_PATH."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import HOST, call_node
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+import tiny_models  # noqa: E402
+from demo import world  # noqa: E402
+
+VAE_PSNR_MIN = 17.0  # dB on 16 held-out world scenes at 128 px (shipped VAE ~18.8 dB; the random tiny VAE ~7 dB)
+
+
+def test_world_is_deterministic_and_captions_follow_the_grammar():
+    a, b = world.sample_scene(3, 17), world.sample_scene(3, 17)
+    assert a == b and world.sample_scene(3, 18) != a and world.sample_scene(4, 17) != a
+    np.testing.assert_array_equal(world.render(a)[0], world.render(b)[0])
+    assert world.make_scene([("circle", "red", 0.5, 0.5, 0.2)], "gray").caption == "a red circle on a gray background"
+    two = world.make_scene([("square", "orange", 0.7, 0.5, 0.1), ("triangle", "blue", 0.3, 0.5, 0.1)], "white")
+    assert two.caption == "a blue triangle and an orange square on a white background"  # left to right
+
+
+def test_world_masks_are_the_objects_and_the_measures_read_them_back():
+    for i in range(40):
+        scene = world.sample_scene(0, i)
+        img, masks = world.render(scene)
+        assert masks.shape == (len(scene.objects), 128, 128) and all(m.sum() > 100 for m in masks)
+        for obj, m in zip(scene.objects, masks, strict=True):
+            inner = m & ~np.roll(m, 2, 0) & ~np.roll(m, -2, 0)  # interior has the object's exact colour
+            assert world.nearest_colour(np.median(img[m], axis=0)) == obj.colour
+            assert np.allclose(img[m & np.roll(m, 2, 0) & np.roll(m, -2, 0) & np.roll(m, 2, 1) & np.roll(m, -2, 1)],
+                               np.asarray(world.COLOURS[obj.colour]) / 255, atol=1e-6) or inner.sum() == 0
+        if len(scene.objects) == 1:
+            colour, shape, found = world.describe(img, scene.background)
+            assert (colour, shape) == (scene.objects[0].colour, scene.objects[0].shape), scene
+            assert (found & masks[0]).sum() / (found | masks[0]).sum() > 0.9
+    with pytest.raises(ValueError, match="unknown shape/colour 'hexagon'"):
+        world.make_scene([("hexagon", "red", 0.5, 0.5, 0.2)])
+
+
+@pytest.fixture(scope="module")
+def demo():
+    import nodes
+
+    before = (dict(nodes.NODE_CLASS_MAPPINGS), _supported_models())
+    out = call_node("AttnEditDemoModel", weights="attnedit_demo.safetensors")
+    assert (dict(nodes.NODE_CLASS_MAPPINGS), _supported_models()) == before  # nothing registered globally
+    return out
+
+
+def _supported_models():
+    import comfy.supported_models
+
+    return list(getattr(comfy.supported_models, "models", []))
+
+
+def test_demo_loader_builds_an_sd1_family_model_with_comfyui_classes(demo):
+    import comfy.model_patcher
+    import comfy.sd
+
+    model, clip, vae = demo
+    assert isinstance(model, comfy.model_patcher.ModelPatcher) and isinstance(clip, comfy.sd.CLIP)
+    assert isinstance(vae, comfy.sd.VAE)
+    assert HOST.module("inversion.comfy_model").model_family(model) == "sd1"
+    assert model.model.latent_format.scale_factor == pytest.approx(0.18215)
+    n = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    assert 5e6 < n < 8e6, n
+
+
+def test_demo_vae_reconstructs_world_scenes(demo):
+    """Trained autoencoder: PSNR >= VAE_PSNR_MIN on held-out scenes (the random tiny VAE fails it)."""
+    import nodes
+
+    imgs = torch.from_numpy(world.batch(424242, 0, 16)[0])
+
+    def psnr(vae):
+        with torch.inference_mode():
+            rec = nodes.VAEDecode().decode(vae, nodes.VAEEncode().encode(vae, imgs)[0])[0]
+        return float(-10 * torch.log10(((rec.clamp(0, 1) - imgs) ** 2).mean()))
+
+    assert psnr(demo[2]) >= VAE_PSNR_MIN
+    assert psnr(tiny_models.make_vae(2)) < VAE_PSNR_MIN
+
+
+def test_demo_text_encoder_tells_colours_apart(demo):
+    """The colour word's embedding differs between prompts, the shared words' do not (causal text model). Pins the
+    loader's restore of the shipped token rows: with zero rows (the unshipped vocabulary) both prompts give the same
+    output."""
+    import nodes
+
+    with torch.inference_mode():
+        red = nodes.CLIPTextEncode().encode(demo[1], "a red circle on a gray background")[0][0][0][0]
+        blue = nodes.CLIPTextEncode().encode(demo[1], "a blue circle on a gray background")[0][0][0][0]
+    torch.testing.assert_close(red[:2], blue[:2])  # <start> a: before the colour word
+    assert (red[2] - blue[2]).norm() > 0.01 * red[2].norm()
+
+
+def test_demo_loader_names_a_missing_weights_file():
+    cls = HOST.pack.NODE_CLASS_MAPPINGS["AttnEditDemoModel"]
+    with pytest.raises(ValueError, match="`weights` 'nope.safetensors' is not in .*models/demo"):
+        cls().load("nope.safetensors")
+
+
+def test_runner_without_checkpoint_edits_with_the_demo_model():
+    """scripts/run.sh with no arguments: the default workflow's loader becomes the demo model, the prompts and local
+    blend words become the demo's red -> blue circle, the image the demo asset; other workflows stay smoke runs."""
+    import run_workflow
+
+    args = run_workflow.parse_args([])
+    assert run_workflow.wants_demo(args)
+    assert not run_workflow.wants_demo(run_workflow.parse_args(["workflows/07_mag_edit.json"]))
+    assert not run_workflow.wants_demo(run_workflow.parse_args(["--checkpoint", "x.safetensors"]))
+    prompt = run_workflow.to_api(run_workflow.load_workflow(args.workflow))
+    swapped = run_workflow.use_demo_model(prompt, args)
+    by_type = {n["class_type"]: n["inputs"] for n in prompt.values()}
+    assert swapped and by_type["AttnEditDemoModel"] == {"weights": "attnedit_demo.safetensors"}
+    assert "CheckpointLoaderSimple" not in by_type
+    assert by_type["AttnEditInvert"]["source_prompt"] == "a red circle on a gray background"
+    assert by_type["AttnEditAttentionHook"]["target_prompt"] == "a blue circle on a gray background"
+    assert by_type["AttnEditAttentionHook"]["local_blend"] == "circle"
+    assert by_type["AttnEditInvert"]["steps"] == 20
