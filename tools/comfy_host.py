@@ -10,11 +10,13 @@ Never import this module from the pack itself: it is developer tooling.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib
 import importlib.util
 import inspect
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -193,6 +195,7 @@ def boot(comfy_path: str | None = None) -> Host:
         return _HOST
     comfy_path = comfy_path or find_comfy_path()
     temp_dir = tempfile.mkdtemp(prefix="attnedit_host_")
+    atexit.register(shutil.rmtree, temp_dir, True)  # ComfyUI's output/input/temp/user folders of this process
     _prepare_comfy(comfy_path, temp_dir)
     logging.getLogger().setLevel(logging.WARNING)
     custom_nodes_dir = os.path.join(temp_dir, "custom_nodes")

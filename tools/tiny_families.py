@@ -15,16 +15,15 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 
 import torch
-from tiny_models import TINY_CLIP_CONFIG, init_weights
+from tiny_models import TINY_CLIP_CONFIG, init_weights, scratch_dir
 
 L_DIM, G_DIM, H_DIM = 32, 32, 32
 
 
 def _config_file(name: str, **overrides) -> str:
-    path = os.path.join(tempfile.gettempdir(), f"attnedit_tiny_{name}_{os.getpid()}.json")
+    path = os.path.join(scratch_dir(), f"tiny_{name}.json")
     overrides.setdefault("num_hidden_layers", 3)  # the penultimate layer (layer_idx -2) must exist
     if not os.path.exists(path):
         with open(path, "w") as f:

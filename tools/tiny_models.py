@@ -10,8 +10,10 @@ Developer tooling (tests, headless smoke runs, benchmark CPU mode). Import only 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -75,8 +77,20 @@ TINY_VAE_DDCONFIG = {
 }
 
 
+def scratch_dir() -> str:
+    """This process's folder for the tiny models' config files, removed when the process exits."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = tempfile.mkdtemp(prefix="attnedit_tiny_")
+        atexit.register(shutil.rmtree, _SCRATCH, True)
+    return _SCRATCH
+
+
+_SCRATCH: str | None = None
+
+
 def _clip_config_path() -> str:
-    path = os.path.join(tempfile.gettempdir(), f"attnedit_tiny_clip_{os.getpid()}.json")
+    path = os.path.join(scratch_dir(), "tiny_clip.json")
     if not os.path.exists(path):
         with open(path, "w") as f:
             json.dump(TINY_CLIP_CONFIG, f)
@@ -375,7 +389,7 @@ def register_tiny_sam(name: str = TINY_SAM_FILE) -> str:
     """Write a tiny SAM into a temp models/sams folder known to ComfyUI's folder_paths (idempotent); returns the name."""
     import folder_paths
 
-    folder = os.path.join(tempfile.gettempdir(), f"attnedit_tiny_sams_{os.getpid()}")
+    folder = os.path.join(scratch_dir(), "sams")
     if not os.path.isfile(os.path.join(folder, name)):
         write_tiny_sam(folder, name)
     folder_paths.add_model_folder_path("sams", folder)
