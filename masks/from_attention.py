@@ -4,7 +4,8 @@ Modes (each on the store's "16x16" semantic-level cross-attention maps, one mask
 - "instant": InstDiffEdit's instant mask (masks/instant.py, Zou et al. 2024 Eq. 6-9), no word needed;
 - "local blend": Prompt-to-Prompt's local-blend mask of the given words (masks/local_blend.py);
 - "background": Dynamic Prompt Learning's background estimate (masks/background.py, Wang et al. 2023 Sec. 3.3) from
-  the 32x32 self-attention (store.self_maps[2]) and the given nouns' cross-attention; 1 = background.
+  the 32x32 self-attention (store.self_maps[2]) and the cross-attention of the given nouns and of every other content
+  word of the prompt (`background.scoring_words`: the paper scores all nouns); 1 = background.
 Masks are made on the latent grid of the store; nodes resize them to the picture with masks/ops.py.
 """
 
@@ -110,8 +111,9 @@ def _background(store, row, maps, prompt, label, settings) -> tuple[torch.Tensor
         raise PromptError(f"mode 'background' needs `words`: the nouns of the objects (of the {label}: "
                           f"{', '.join(g[1] for g in prompt.word_groups()) or '(none)'}), e.g. \"cat, sofa\"")
     nouns = [prompt.find_text(w, label) for w in settings.words]
+    scored = background.scoring_words(prompt.word_groups(), nouns)  # every content word of the prompt, as DPL does
     grid = semantic_grid(store.latent_hw, SELF_LEVEL_DPL)
-    bg = background.estimate_background(self_maps[row], noun_maps(maps, nouns), settings.clusters,
+    bg = background.estimate_background(self_maps[row], noun_maps(maps, scored), settings.clusters,
                                         settings.background_threshold, grid=grid)
     mask = torch.nn.functional.interpolate(bg[None, None], size=store.latent_hw, mode="nearest")[0, 0]
     return mask, bg

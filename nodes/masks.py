@@ -54,7 +54,8 @@ class AttnEditMaskFromAttention:
                 "words": ("STRING", {"default": "", "tooltip": "Comma-separated words of the prompt. local blend: "
                                                                "required. instant: optional, forces the object word "
                                                                "instead of finding it. background: the nouns "
-                                                               "(required)."}),
+                                                               "(required; every other content word of the prompt "
+                                                               "is scored too, as DPL does)."}),
                 "branch": (["target", "source"], {"default": "target",
                                                   "tooltip": "Which branch's attention (stores from Invert Image "
                                                              "only have the source)."}),

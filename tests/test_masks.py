@@ -260,3 +260,25 @@ def test_background_mode_recovers_a_planted_background(tiny):
     no_self = store_mod.AttentionStore({4: cross}, ("source",), (prompt,), (16, 16), 4)
     with pytest.raises(ValueError, match="turn on `capture_self_attention` in Invert Image"):
         call_node("AttnEditMaskFromAttention", attention=no_self, mode="background", words="cat")
+
+
+def test_background_mode_scores_every_content_word_of_the_prompt(tiny):
+    """DPL Sec. 3.3 scores the segments against all nouns: a sofa the user did not list is not background."""
+    from conftest import call_node
+
+    store_mod, tokens = pkg("attention.store"), pkg("attention.tokens")
+    prompt = tokens.tokenize_prompt(tiny.clip, "a cat on a sofa")  # BOS a cat on a sofa: cat 2, sofa 5
+    segments = torch.zeros(8, 8)
+    segments[:4, :4] = 1  # the cat
+    segments[4:, :] = 2  # the sofa; the rest (top right) is the background
+    flat = segments.flatten()
+    same = (flat[:, None] == flat[None, :]).float()
+    self_attention = same / same.sum(-1, keepdim=True)
+    cross = torch.zeros(1, 4, 4, 77)
+    cross[0, :2, :2, 2] = 1.0  # "cat" on the cat's cells of the 4x4 map
+    cross[0, 2:, :, 5] = 1.0  # "sofa" on the sofa's cells
+    store = store_mod.AttentionStore({4: cross}, ("source",), (prompt,), (16, 16), 4, {2: self_attention[None]})
+    _, latent_mask, _ = call_node("AttnEditMaskFromAttention", attention=store, mode="background", words="cat")
+    expected = torch.zeros(16, 16)
+    expected[:8, 8:] = 1
+    assert torch.equal(latent_mask[0], expected)
