@@ -16,13 +16,15 @@ def latent(h=16, w=16, seed=4):
 
 
 def recording(model):
-    """A clone whose UNet calls record (run id, step, chunk labels, grad enabled)."""
+    """A clone whose UNet calls record (run id, step, chunk labels, grad enabled). The recorder keeps every RunState
+    alive, so a finished run's id is never reused by the next run."""
     keys = pkg("attention.keys")
-    calls = []
+    calls, alive = [], []
     clone = model.clone()
 
     def recorder(apply_model, args):
         run = args["c"]["transformer_options"].get(keys.RUN)
+        alive.append(run)
         calls.append((id(run), run.step, tuple(args["cond_or_uncond"]), torch.is_grad_enabled()))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
