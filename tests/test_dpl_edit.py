@@ -4,6 +4,7 @@ target prompt keeps gets its learned token at each step, so target = source rege
 import pytest
 import torch
 from conftest import call_node, pkg
+from test_dpl import recording  # UNet calls with their step, chunk labels and context
 
 D = pkg("inversion.dpl")
 SRC = "a cat and a dog"
@@ -45,20 +46,6 @@ def test_with_the_option_off_the_target_uses_the_plain_prompt(tiny, runs):
     edited, source, _ = call_node("AttnEditEditSampler", model=tiny.model, inversion=inv_off, target=inv_off.source)
     assert relative(source["samples"], recon["samples"]) < 1e-4
     assert relative(edited["samples"], recon["samples"]) > 0.1
-
-
-def recording(model):
-    keys = pkg("attention.keys")
-    calls = []
-    clone = model.clone()
-
-    def recorder(apply_model, args):
-        run = args["c"]["transformer_options"].get(keys.RUN)
-        calls.append((run.step, list(args["cond_or_uncond"]), args["c"]["c_crossattn"].detach().clone()))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    clone.set_model_unet_function_wrapper(recorder)
-    return clone, calls
 
 
 def test_a_word_swap_target_gets_the_learned_token_of_the_kept_noun_only(tiny, runs):

@@ -343,3 +343,24 @@ def test_chain_runs_each_phase_on_its_steps(tiny, steps):
     assert [b for b, _ in calls] == [2] * (masked + steps)
     assert [t for _, t in calls] == pytest.approx(levels[steps - masked:] + levels)
     assert out.shape == (1, 64, 64, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("height, width", [(64, 96), (112, 144)])  # 2:3 like 512x768; odd 14x18 latent
+def test_chain_on_non_square_images(tiny, height, width):
+    """Non-square pictures (one with odd latent sides, whose attention grids ceil-halve to 7x9 and 4x5): the same
+    schedule as on a square one, the mask and the edit at the picture's size, the mask inside the frame."""
+    calls = []
+    clone = tiny.model.clone()
+
+    def recording(apply_model, args):
+        calls.append(tuple(args["input"].shape))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    clone.set_model_unet_function_wrapper(recording)
+    image = make_image(size=max(height, width), seed=3)[:, :height, :width]
+    out, mask, _ = call_node("AttnEditInstantEdit", image=image, model=clone, clip=tiny.clip, vae=tiny.vae,
+                             edit_text=TEXT, steps=10, seeds=1)
+    masked = int(10 * engine().STRENGTH)
+    assert calls == [(2, 4, height // 8, width // 8)] * (masked + 10)
+    assert out.shape == (1, height, width, 3) and torch.isfinite(out).all()
+    assert mask.shape == (1, height, width) and float(mask.min()) >= 0 and float(mask.max()) <= 1
