@@ -141,16 +141,22 @@ def check_inversion_model(node: str, inversion, model, fingerprint, *, source_pi
     with other weight patches (a LoRA applied after inverting) is warned about: the source branch drifts from the
     inversion unless the inversion is redone with the patched MODEL or the sampler pins the source branch
     (`source_pinned`: then the patch only acts on the target branch, as intended, and nothing is said)."""
-    if tuple(inversion.fingerprint[:4]) != tuple(fingerprint[:4]):
-        raise AttnEditError(
-            node, f"`inversion` was made with another model ({inversion.fingerprint[0]}, {inversion.fingerprint[1]}) "
-                  "than the MODEL connected here; connect the same checkpoint to the Invert node and to this node.")
+    check_inversion_base_model(node, inversion, fingerprint)
     made, now = _patches_of(inversion.fingerprint), _patches_of(fingerprint)
     if made != now and not source_pinned:
         warn(node, f"the MODEL's weight patches ({now or 'none'}) differ from those of the MODEL `inversion` was "
                    f"made with ({made or 'none'}), e.g. a LoRA applied after inverting: the source branch will not "
                    "regenerate the input. Invert with the same patched MODEL you edit with, or set the sampler's "
                    "`source_branch` to 'pin to inversion'.")
+
+
+def check_inversion_base_model(node: str, inversion, fingerprint) -> None:
+    """The inversion must come from the same base diffusion model. Patch nodes (MAG-Edit, CPAM) check only this: weight
+    patches matter where the source branch runs, so the edit sampler alone judges them (check_inversion_model)."""
+    if tuple(inversion.fingerprint[:4]) != tuple(fingerprint[:4]):
+        raise AttnEditError(
+            node, f"`inversion` was made with another model ({inversion.fingerprint[0]}, {inversion.fingerprint[1]}) "
+                  "than the MODEL connected here; connect the same checkpoint to the Invert node and to this node.")
 
 
 def _patches_of(fingerprint) -> str:

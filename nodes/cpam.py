@@ -13,7 +13,7 @@ from ..inversion import comfy_model
 from ..inversion.conditioning import context_of
 from ..masks import cpam as cpam_masks
 from ..masks.ops import as_mask_batch, aspect_mismatch, mask_to_grid
-from .common import AttnEditError, bind_inversion, check_inversion_model, check_text_encoder, warn, wrap_errors
+from .common import AttnEditError, bind_inversion, check_inversion_base_model, check_text_encoder, warn, wrap_errors
 from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -118,7 +118,7 @@ class AttnEditCPAMSelfAttn:
 
 def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs):
     comfy_model.require_family(model, NODE)
-    check_inversion_model(NODE, inversion, model, comfy_model.model_fingerprint(model))
+    check_inversion_base_model(NODE, inversion, comfy_model.model_fingerprint(model))
     check_text_encoder(NODE, model, comfy_model.encode_text(clip, target_prompt), "`clip`")
     if strategy not in cpam.STRATEGIES:
         raise AttnEditError(NODE, f"`strategy` {strategy!r} is unknown; choose one of {', '.join(cpam.STRATEGIES)}")

@@ -12,7 +12,7 @@ from ..attention.tokens import CHUNK, split_words, tokenize_prompt
 from ..inversion import comfy_model
 from ..inversion.conditioning import context_of
 from ..masks.ops import as_mask_batch, aspect_mismatch, dilate, mask_to_grid
-from .common import AttnEditError, bind_inversion, check_inversion_model, require, warn, wrap_errors
+from .common import AttnEditError, bind_inversion, check_inversion_base_model, require, warn, wrap_errors
 from .types import CAT_TECHNIQUES, INVERSION
 
 log = logging.getLogger("attention_edit")
@@ -122,7 +122,7 @@ class AttnEditMAGGuidance:
                negative_words, blend_steps, sr_lambda, lambda_p, lambda_ng, negative_words_prompt, clip, word_masks,
                token_ratio_denominator):
         comfy_model.require_family(model, NODE)
-        check_inversion_model(NODE, inversion, model, comfy_model.model_fingerprint(model))
+        check_inversion_base_model(NODE, inversion, comfy_model.model_fingerprint(model))
         require(constraint in mag.CONSTRAINTS, NODE,
                 f"`constraint` {constraint!r} is unknown; choose one of {', '.join(mag.CONSTRAINTS)}")
         require(token_ratio_denominator in mag.DENOMINATORS, NODE,

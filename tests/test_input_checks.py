@@ -238,3 +238,25 @@ def test_another_base_model_is_still_refused(tiny, inv):
                        target=pkg("inversion.comfy_model").encode_text(tiny.clip, DOG))
     assert "`inversion` was made with another model (SDXL, sdxl)" in message
 
+
+
+def test_patch_nodes_leave_the_weight_patch_warning_to_the_sampler(tiny, inv, caplog):
+    """MAG-Edit and CPAM only check the base model; whether a LoRA'd model drifts from the inversion is said once, by
+    the sampler, where the source branch runs. Under CPAM the sampler pins the source, so nothing is said at all."""
+    patched = lora(tiny.model)
+    mask = box()
+    hook = call_node("AttnEditAttentionHook", model=patched, clip=tiny.clip, source_prompt=SRC,
+                     target_prompt="a photo of a white cat", mode="refine", cross_replace=0.8, self_replace=0.5)[0]
+    with caplog.at_level(logging.WARNING):
+        mag = call_node("AttnEditMAGGuidance", model=hook, inversion=inv, mask=mask, target_words="white",
+                        constraint="token_ratio", max_iterations=1, guidance_steps=25, scale=2.5)[0]
+        cpam = call_node("AttnEditCPAMSelfAttn", model=patched, inversion=inv, clip=tiny.clip, source_mask=mask,
+                         target_prompt=DOG, strategy="edit object (keep identity)")[0]
+    assert "weight patches" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        call_node("AttnEditEditSampler", model=cpam, inversion=inv)
+    assert "weight patches" not in caplog.text  # CPAM pins the source branch to the inversion
+    with caplog.at_level(logging.WARNING):
+        call_node("AttnEditEditSampler", model=mag, inversion=inv)
+    assert caplog.text.count("weight patches (") == 1 and "Attention Edit Sampler: the MODEL's weight patches" in \
+        caplog.text
