@@ -322,3 +322,14 @@ def test_free_layers_count_every_attention_layer_of_a_block():
     depth1.site = layers_mod.AttnSite("output", 4, 1, 1)
     assert torch.equal(ctrl.edit_output(depth1, normal), normal)  # free: normal self-attention everywhere
     assert not torch.allclose(ctrl.edit_output(depth0, normal)[1], normal[1])  # same block, not free: adapted
+
+
+def test_mask_defaults_are_the_papers_and_the_authors_code():
+    """The CPAM node's mask defaults: M_t refined at >= 0.25 of the min-max normalised object attention from step
+    T_m = 5 (the author's STEP_CHANGE_MASK), and the cloned mask grown by 10% of sqrt(area) (Sec. 3.4)."""
+    assert (cmasks.REFINE_THRESHOLD, cmasks.REFINE_START_STEP, cmasks.MASK_EXPAND_SCALE) == (0.25, 5, 0.1)
+    import nodes
+
+    optional = nodes.NODE_CLASS_MAPPINGS["AttnEditCPAMSelfAttn"].INPUT_TYPES()["optional"]
+    assert optional["refine_threshold"][1]["default"] == 0.25 and optional["refine_step"][1]["default"] == 5
+    assert optional["mask_expand"][1]["default"] == 0.1
