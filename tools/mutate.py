@@ -31,6 +31,8 @@ import argparse
 import ast
 import contextlib
 import difflib
+import importlib
+import importlib.util
 import io
 import json
 import os
@@ -286,8 +288,14 @@ class ForkRunner:
         dotted = m.file.removesuffix(".py").replace("/", ".")
         mod = self.host.module(dotted)
         old = dict(vars(mod))
-        code = compile(m.source, mod.__file__, "exec")
-        exec(code, vars(mod))  # noqa: S102 - the mutated module replaces its own definitions (child process only)
+        # the tree is a temporary copy: the child writes the mutant into it and re-runs the module in place
+        with open(mod.__file__, "w", encoding="utf-8") as f:
+            f.write(m.source)
+        cached = importlib.util.cache_from_source(mod.__file__)
+        if os.path.exists(cached):
+            os.remove(cached)  # a same-size edit within the same second would otherwise reload the old bytecode
+        sys.dont_write_bytecode = True
+        importlib.reload(mod)
         new = vars(mod)
         changed = {k: (v, new[k]) for k, v in old.items() if k in new and new[k] is not v}
         for name, other in list(sys.modules.items()):
