@@ -3,9 +3,9 @@
     /work/main/.venv/bin/python tools/frontend_check.py [--only 02_nulltext] [--load-only] [--out DIR]
 
 Not part of CI (it starts a server and a browser; ~1-2 min per workflow on two CPU cores). What it does:
-1. Python packages the test venv lacks go to a cache folder with `pip install --target --no-deps` (frontend 1.27.10,
-   Playwright, ComfyUI's database deps) and are put on PYTHONPATH for the server and this script; nothing is
-   installed into the venv. The browser is Debian's `chromium` (apt-get install -y chromium), driven by Playwright
+1. Python packages the test venv lacks live in a cache folder filled once with `pip install --target --no-deps`
+   (frontend 1.27.10, Playwright, ComfyUI's database deps; the script prints the command when they are missing) and
+   are put on PYTHONPATH for the server and this script; nothing is installed into the venv. The browser is Debian's `chromium` (apt-get install -y chromium), driven by Playwright
    through `executable_path` (Playwright's own browser download is not needed).
 2. A temporary copy of ComfyUI 0.3.64 (../shared/hosts/comfyui-0.3.64 or $COMFYUI_PATH) gets this pack linked into
    custom_nodes/attention-edit, a second custom node folder with the tiny test loaders (tools/tiny_models.py),
@@ -61,13 +61,13 @@ NODE_CLASS_MAPPINGS = dict(tiny_models.TEST_NODES)
 
 
 def ensure_deps() -> None:
-    """pip install --target the packages this check needs beyond the test venv (once; cached in DEPS_DIR)."""
+    """Put DEPS_DIR (the packages this check needs beyond the test venv) on sys.path; refuse, with the one command
+    that fills it, when they are missing (the pack never runs an installer itself)."""
     missing = [m for m in DEPS_IMPORTS if not os.path.isdir(os.path.join(DEPS_DIR, m))
                and not os.path.isfile(os.path.join(DEPS_DIR, m + ".py"))]
     if missing:
-        print("installing", ", ".join(DEPS), "into", DEPS_DIR, flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", DEPS_DIR, *DEPS],
-                       check=True)
+        raise SystemExit(f"error: {', '.join(missing)} not found in {DEPS_DIR}; fill it once with:\n  "
+                         f"{sys.executable} -m pip install --no-deps --target {DEPS_DIR} {' '.join(DEPS)}")
     if DEPS_DIR not in sys.path:
         sys.path.insert(0, DEPS_DIR)
     if not os.path.exists(CHROMIUM):
