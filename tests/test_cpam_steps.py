@@ -263,8 +263,9 @@ def test_null_prompt_ddim_inversion_hears_only_the_null_text(tiny, caplog):
 
 
 def test_768px_sd15_shaped_grids_without_the_unet():
-    """SD1.5 at 768 px (96 x 96 latent; attention grids 96, 48, 24, 12): the tiny UNet at that size is too slow for
-    the suite on CPU, so the controller runs on synthetic calls at each of those grids. Eq. 4 holds with the mask
+    """SD1.5 at 768 px (96 x 96 latent; attention grids 96, 48, 24, 12): the full tiny UNet at that size is too slow
+    for the suite on CPU (the chain itself runs in tests/test_768px.py on the UNet without the 96 x 96 level), so the
+    controller runs on synthetic calls at each of those grids, the 96 x 96 one included. Eq. 4 holds with the mask
     aligned to every grid, the object gate opens at the moved S, and the refinement maps at the 24 x 24 semantic
     grid come back at latent resolution."""
     mask = box(768, 768, 200, 264, 296, 240)  # 37 x 30 latent cells at (25, 33) (pixel box on 8 px cells)

@@ -3,8 +3,8 @@
 rounds to zero steps (or a start past the end) is a warning naming the knob, never a silent no-op.
 
 Sizes: the tiny model runs the latents 16x16 (the 512-px SD1.5 shape scaled by 1/4) at 10, 20 and 50 steps, and
-16x24 (512x768 px, scaled by 1/4) and 24x24 (SD1.5 at 768 px, scaled by 1/4) at 10 and 20 steps. A real 96x96 latent is not used: the tiny UNet keeps self-attention
-at full latent resolution, 9216 tokens, too slow and too large for the CPU test machine at 50 steps.
+16x24 (512x768 px, scaled by 1/4) and 24x24 (SD1.5 at 768 px, scaled by 1/4) at 10 and 20 steps. The real 96x96 latent runs in tests/test_768px.py (every technique's
+chain, on the tiny UNet without its latent-resolution transformers: 9216-token self-attention is too slow on a CPU).
 
 Expected windows, hand-computed from the reference code (prompt-to-prompt's get_time_words_attention_alpha and
 num_self_replace, the null-text notebook's start_blend) for cross_replace 0.8, self_replace 0.4, blend_start 0.2:
