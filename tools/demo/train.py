@@ -63,6 +63,13 @@ VAE_MORE_LR = 5e-4  # --more-vae-steps
 # scene, so an unweighted loss is dominated by the background and a short run confuses red/orange/yellow, blue/purple.
 VAE_OBJECT_WEIGHT = 8.0
 BATCH, LR, WEIGHT_DECAY, WARMUP, DROPOUT, EMA_DECAY = 16, 6e-4, 0.01, 100, 0.1, 0.999
+# Cross-attention localisation loss weight (FastComposer, Xiao et al. 2023, Sec. 3.4): SD's word maps sit on their
+# objects after web-scale training; a toy model trained from scratch with a 2-layer causal text encoder instead reads the
+# prompt from the end-of-text tokens and its word maps stay flat, so the masks that P2P's local blend and Mask from
+# Attention read from them cover the whole picture. The loss asks each object word (colour and shape) to put its
+# attention mass on its own object (ground truth from the world generator); 0 switches it off.
+LOCALIZE_WEIGHT = 0.02
+LOCALIZE_MIN_GRID = 4  # cross-attention layers on grids of at least 4x4 (the 2x2 middle block is too coarse)
 FRESH = BATCH // 2  # new scenes per step; the other half are the previous step's scenes (latents reused, new noise)
 LOG = logging.getLogger("demo.train")
 
@@ -269,6 +276,67 @@ def train_vae(args, device, state: dict, out: str) -> None:
     save(state, out)
 
 
+def word_token_positions(caption: str, captions: "Captions") -> list[int]:
+    """Token index of each word of `caption` (index 0 is the start token; every word of the grammar is one token)."""
+    words = caption.split()
+    ids = captions(caption)
+    for i, w in enumerate(words):
+        if captions(w)[1] != ids[1 + i] or captions(w)[2] != captions("")[1]:
+            raise ValueError(f"word {w!r} of {caption!r} is not one token: the localisation loss needs one-token words")
+    return [1 + i for i in range(len(words))]
+
+
+def object_word_tokens(scene: world.Scene, captions: "Captions") -> list[tuple[list[int], np.ndarray]]:
+    """(token positions of the object's colour and shape words, ground-truth mask [128, 128]) per object; objects in
+    caption order (left to right), as world.caption writes them."""
+    positions = word_token_positions(scene.caption, captions)
+    masks = world.render(scene)[1]
+    order = sorted(range(len(scene.objects)), key=lambda i: scene.objects[i].cx)
+    out = []
+    for k, i in enumerate(order):  # "a red circle and a blue square on ...": words 1, 2 then 5, 6
+        out.append(([positions[1 + 4 * k], positions[2 + 4 * k]], masks[i]))
+    return out
+
+
+class CrossAttentionRecorder:
+    """attn2 replacement (ComfyUI's transformer_options["patches_replace"]["attn2"]) that computes softmax(QK^T/sqrt d)V
+    as the default attention does and keeps each call's head-averaged probabilities [B, N, 77] for the loss."""
+
+    def __init__(self):
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(self, q, k, v, extra_options):
+        h = extra_options["n_heads"]
+        b, n, c = q.shape
+        d = c // h
+        qh, kh, vh = (t.view(b, -1, h, d).transpose(1, 2) for t in (q, k, v))
+        probs = (qh @ kh.transpose(-1, -2) * d**-0.5).softmax(-1)
+        self.maps.append(probs.mean(1))
+        return (probs @ vh).transpose(1, 2).reshape(b, n, c)
+
+    def transformer_options(self, unet) -> dict:
+        keys = [("input", i) for i in range(len(unet.input_blocks))] + [("middle", 0)] + [
+            ("output", i) for i in range(len(unet.output_blocks))]
+        return {"patches_replace": {"attn2": {key: self for key in keys}}}
+
+
+def localisation_loss(maps: list[torch.Tensor], targets: list[list[tuple[list[int], np.ndarray]]]) -> torch.Tensor:
+    """1 - (share of each object word's attention mass that falls on its object), averaged over words, objects,
+    samples and layers on grids >= LOCALIZE_MIN_GRID; `targets[i]` is empty for a sample without caption."""
+    terms = []
+    for probs in maps:
+        grid = int(round(probs.shape[1] ** 0.5))
+        if grid < LOCALIZE_MIN_GRID:
+            continue
+        for i, objects in enumerate(targets):
+            for tokens, mask in objects:
+                m = torch.from_numpy(mask).float()[None, None]
+                m = torch.nn.functional.adaptive_avg_pool2d(m, grid).flatten().to(probs)
+                a = probs[i, :, tokens]  # [N, words]
+                terms.append(1 - (a * m[:, None]).sum(0) / a.sum(0).clamp_min(1e-8))
+    return torch.cat(terms).mean() if terms else maps[0].new_zeros(())
+
+
 def ema_update(ema: dict, params: dict, decay: float) -> None:
     with torch.no_grad():
         for k, v in params.items():
@@ -308,15 +376,18 @@ def train_diffusion(args, device, state: dict, out: str) -> None:
     acp = schedule(device)
     started, last_save = time.time(), time.time()
     elapsed0 = state.get("diffusion_seconds", 0.0)
-    losses = []
+    losses, losses_loc = [], []
     gen = torch.Generator().manual_seed(args.seed + 5)
+    if args.localize_weight and "localize_from_step" not in state:
+        state["localize_from_step"] = state.get("step", 0)
     prev = None
     while True:
-        imgs, caps, _ = world.batch(args.seed, step * FRESH, FRESH if prev else BATCH)
+        imgs, caps, scenes = world.batch(args.seed, step * FRESH, FRESH if prev else BATCH)
         with torch.no_grad():
             fresh = vae.encode(to_tensor(imgs, device)) * LATENT_SCALE
-        x0, all_caps = (torch.cat([fresh, prev[0]]), caps + prev[1]) if prev else (fresh, caps)
-        prev = (fresh[:FRESH], caps[:FRESH])
+        x0, all_caps, all_scenes = ((torch.cat([fresh, prev[0]]), caps + prev[1], scenes + prev[2]) if prev
+                                    else (fresh, caps, scenes))
+        prev = (fresh[:FRESH], caps[:FRESH], scenes[:FRESH])
         gen.manual_seed(args.seed * 1_000_003 + step)
         drop = torch.rand(BATCH, generator=gen) < DROPOUT
         tokens = [empty if d else captions(c) for c, d in zip(all_caps, drop.tolist(), strict=True)]
@@ -325,12 +396,21 @@ def train_diffusion(args, device, state: dict, out: str) -> None:
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ctx = clip(tokens)[0]
-        pred = unet(xt, timesteps=t.float(), context=ctx)
+        if args.localize_weight:
+            recorder = CrossAttentionRecorder()
+            pred = unet(xt, timesteps=t.float(), context=ctx, transformer_options=recorder.transformer_options(unet))
+            targets = [[] if d else object_word_tokens(s, captions) for s, d in zip(all_scenes, drop.tolist(), strict=True)]
+            loc = localisation_loss(recorder.maps, targets)
+        else:
+            pred = unet(xt, timesteps=t.float(), context=ctx)
+            loc = pred.new_zeros(())
         loss = (pred - noise).pow(2).mean()
+        losses_loc.append(loc.item())
+        loss_total = loss + args.localize_weight * loc
         for g in opt.param_groups:
             g["lr"] = LR * min(1.0, (step + 1) / WARMUP)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_total.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
         step += 1
@@ -338,11 +418,11 @@ def train_diffusion(args, device, state: dict, out: str) -> None:
         losses.append(loss.item())
         now = time.time()
         if step % 25 == 0:
-            LOG.info("step %d samples %d loss %.4f (%.2f samples/s, %.0f s total)", step, step * BATCH,
-                     float(np.mean(losses)), 25 * BATCH / max(1e-6, now - getattr(train_diffusion, "_t", started)),
+            LOG.info("step %d samples %d loss %.4f localisation %.3f (%.2f samples/s, %.0f s total)", step,
+                     step * BATCH, float(np.mean(losses)), float(np.mean(losses_loc)), 25 * BATCH / max(1e-6, now - getattr(train_diffusion, "_t", started)),
                      elapsed0 + now - started)
             train_diffusion._t = now
-            losses = []
+            losses, losses_loc = [], []
         done = args.max_hours and elapsed0 + now - started > args.max_hours * 3600
         if now - last_save > args.save_minutes * 60 or done or (args.max_steps and step >= args.max_steps):
             state.update({"model": {"unet": unet.state_dict(), "clip": clip.state_dict()}, "opt": opt.state_dict(),
@@ -369,6 +449,8 @@ def main(argv=None) -> int:
                    help="continue the saved VAE for this many steps, re-fold, and restart the diffusion stage")
     p.add_argument("--vae-object-weight", type=float, default=VAE_OBJECT_WEIGHT,
                    help="VAE loss weight of object pixels (1: unweighted, as the shipped VAE's first 1260 steps)")
+    p.add_argument("--localize-weight", type=float, default=LOCALIZE_WEIGHT,
+                   help="cross-attention localisation loss weight (0: off, as the shipped model's first 13475 steps)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logging.basicConfig(filename=os.path.join(args.out, "train.log"), level=logging.INFO,
