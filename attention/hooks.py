@@ -278,6 +278,38 @@ def _call_inner(prev, apply_model, args):
     return apply_model(args["input"], args["timestep"], **args["c"])
 
 
+class VelocityUnavailableError(RuntimeError):
+    """The diffusion model ran without ComfyUI 0.3.x's DIFFUSION_MODEL wrappers, so its raw output was not seen."""
+
+
+def _velocity_call(prev, apply_model, args):
+    """The diffusion model's raw output (a flow model's velocity v) for this call instead of the denoised x0.
+
+    For CONST sampling denoised = x - sigma * v, which loses v at sigma = 0 (the first step of a flow inversion), so the
+    output is read where the host produces it: an outermost DIFFUSION_MODEL wrapper (comfy.patcher_extension, ComfyUI
+    0.3.x, where every flow family lives) on a copy of this call's transformer_options.
+    """
+    import comfy.patcher_extension as ext
+
+    box: dict = {}
+
+    def attnedit_velocity(executor, *a, **kw):
+        box["v"] = executor(*a, **kw)
+        return box["v"]
+
+    c = args["c"]
+    options = dict(c.get("transformer_options", {}))
+    wrappers = {kind: dict(found) for kind, found in options.get("wrappers", {}).items()}
+    kind = ext.WrappersMP.DIFFUSION_MODEL
+    wrappers[kind] = {keys.VELOCITY: [attnedit_velocity], **wrappers.get(kind, {})}  # first = outermost
+    options["wrappers"] = wrappers
+    _call_inner(prev, apply_model, dict(args, c=dict(c, transformer_options=options)))
+    if "v" not in box:
+        raise VelocityUnavailableError("the diffusion model's output could not be read (no DIFFUSION_MODEL wrapper "
+                                       "support): flow-model inversion needs ComfyUI 0.3.x")
+    return box["v"].float()  # as BaseModel._apply_model reads it
+
+
 def make_unet_wrapper(prev=None):
     """ComfyUI unet function wrapper that applies the RunState knobs of the current call and chains `prev`.
 
@@ -302,7 +334,9 @@ def make_unet_wrapper(prev=None):
         if run.control_roles is not None and c.get("control") is not None:
             c = dict(c, control=keep_control_rows(c["control"], _control_keep(run, labels, per_chunk)))
         keep = [i for i, lab in enumerate(labels) if run.compute_labels is None or lab in run.compute_labels]
-        if len(keep) == len(labels):
+        if run.velocity:
+            out = _velocity_call(prev, apply_model, dict(args, c=c))
+        elif len(keep) == len(labels):
             out = _call_inner(prev, apply_model, dict(args, c=c))
         else:
             out = _partial_call(prev, apply_model, args, c, labels, keep, per_chunk, run)

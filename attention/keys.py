@@ -14,3 +14,4 @@ CONTEXT_PATCHES = "attnedit_context_patches"  # tuple of context patchers extend
 CONTEXT_EXTRA = "attnedit_context_extra"  # per block call: ((name, tokens), ...) appended after the prompt tokens
 BOUND_INVERSIONS = "attnedit_bound_inversions"  # ((node, key, description), ...): patches made for one inversion
 DISPATCHED_SITES = "attnedit_dispatched_sites"  # frozenset of attn2 site keys routed through our dispatcher
+VELOCITY = "attnedit_velocity"  # DIFFUSION_MODEL wrapper key reading a flow model's raw velocity (hooks.py)

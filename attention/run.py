@@ -103,6 +103,8 @@ class RunState:
     context_override: dict[int, torch.Tensor] = field(default_factory=dict)
     compute_labels: frozenset[int] | None = None
     fill: dict[int, torch.Tensor] = field(default_factory=dict)
+    # flow models: the wrapper returns the diffusion model's raw velocity instead of the denoised x0
+    velocity: bool = False
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     # ControlNet / T2I-Adapter outputs reach only the latent rows with these roles (None: every row). MaSaFusion feeds
     # the adapter to its intermediate image only.
@@ -191,6 +193,7 @@ class RunState:
         self._memo.clear()
         self.compute_labels = None
         self.sigma = None
+        self.velocity = False
 
 
 @dataclass

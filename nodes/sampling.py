@@ -21,7 +21,8 @@ SOURCE_BRANCH = ("reconstruct", "pin to inversion")
 class AttnEditEditSampler:
     DESCRIPTION = (
         "Edits the inverted image: runs the source branch (regenerating the input) and the target branch (the edit) "
-        "in lock-step with DDIM on the inversion's schedule and guidance, while the attention hooks on the MODEL "
+        "in lock-step with DDIM (Flux: the inversion's flow solver) on the inversion's schedule and guidance, while "
+        "the attention hooks on the MODEL "
         "(Prompt-to-Prompt, MAG-Edit, CPAM, ...) transfer attention from source to target. Decode the LATENT with "
         "core VAE Decode.")
     CATEGORY = CAT_SAMPLING
@@ -57,7 +58,7 @@ class AttnEditEditSampler:
         return wrap_errors(SAMPLER, self._sample, model, inversion, target, source_branch)
 
     def _sample(self, model, inversion, target, source_branch):
-        comfy_model.require_family(model, SAMPLER)
+        comfy_model.require_family(model, SAMPLER, comfy_model.INVERTIBLE_FAMILIES)
         controllers = hooks.controllers_of(model)
         pin = _pin_source(controllers, source_branch)
         check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model), source_pinned=pin)

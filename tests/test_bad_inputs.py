@@ -289,19 +289,49 @@ FLUX_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("node_id", sorted(FLUX_INPUTS))
-def test_unsupported_model_family_is_named(tiny, inv, node_id):
+class SD3:  # a config class of a non-UNet family no node of this pack handles
+    pass
+
+
+FLUX_NODES = ("AttnEditInvert", "AttnEditEditSampler")  # the nodes that also take Flux (tests/test_flux.py)
+
+
+def _family_inputs(tiny, inv, node_id):
     import nodes
 
-    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=Flux(), diffusion_model=torch.nn.Linear(1, 1)))
     wanted = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
     available = {"clip": tiny.clip, "vae": tiny.vae, "inversion": inv, "latent": make_latent(),
                  "image": make_image(64)}
     inputs = {k: v for k, v in available.items() if k in wanted["required"]}
     if "image" not in inputs and "latent" in wanted.get("optional", {}):
         inputs["latent"] = available["latent"]
-    message = error_of(node_id, model=fake, **inputs, **FLUX_INPUTS[node_id])
+    return {**inputs, **FLUX_INPUTS[node_id]}
+
+
+@pytest.mark.parametrize("node_id", sorted(FLUX_INPUTS))
+def test_unsupported_model_family_is_named(tiny, inv, node_id):
+    """A config class the pack does not know (named Flux, or SD3 for the nodes that do take the real Flux)."""
+    config = SD3() if node_id in FLUX_NODES else Flux()
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config, diffusion_model=torch.nn.Linear(1, 1)))
+    message = error_of(node_id, model=fake, **_family_inputs(tiny, inv, node_id))
+    if node_id in FLUX_NODES:
+        assert "supports SD1.x, SD2.x, SDXL UNet models and Flux (ComfyUI 0.3.x); the connected MODEL is SD3" in \
+            message, message
+    else:
+        assert "supports SD1.x, SD2.x, SDXL UNet models; the connected MODEL is Flux" in message, message
+
+
+@pytest.mark.newer_host("Flux exists only in ComfyUI 0.3.x")
+@pytest.mark.parametrize("node_id", sorted(set(FLUX_INPUTS) - set(FLUX_NODES)))
+def test_technique_nodes_refuse_the_real_flux(tiny, inv, node_id):
+    """Every technique node other than Invert and the edit sampler refuses a real (tiny) ComfyUI Flux by name and
+    says where Flux stands."""
+    import tiny_families
+
+    flux_model, _flux_clip = tiny_families.make_flux(0)
+    message = error_of(node_id, model=flux_model, **_family_inputs(tiny, inv, node_id))
     assert "supports SD1.x, SD2.x, SDXL UNet models; the connected MODEL is Flux" in message, message
+    assert "on Flux the pack does inversion and the edit sampler only so far, see docs/flux.md" in message
 
 
 def test_fp16_model_weights(tiny):
