@@ -206,3 +206,56 @@ def test_a_non_unet_non_flux_model_is_refused_clearly(tiny, node_id):
               "AttnEditEditSampler": dict(inversion=None)}[node_id]
     message = error_of(node_id, model=fake, **inputs)
     assert "supports SD1.x, SD2.x, SDXL UNet models and Flux (ComfyUI 0.3.x); the connected MODEL is SD3" in message
+
+
+# ----------------------------------------------------------------------------------------------- pure flow maths
+def test_flow_steps_invert_and_sample_by_hand():
+    """inversion/flow.py without a model (both hosts): the step formulas on a nonlinear field, the order in which
+    invert / sample walk the schedule and the latents' alignment with the sigmas."""
+    flow = pkg("inversion.flow")
+    calls = []
+
+    def velocity(x, s):
+        calls.append(s)
+        return torch.sin(x) + s * x
+
+    x = torch.tensor([0.3, -1.2, 2.0])
+    h = 0.25
+    x_e, v_e = flow.euler_step(velocity, x, 0.5, 0.75)
+    assert torch.allclose(x_e, x + h * (torch.sin(x) + 0.5 * x)) and torch.equal(v_e, torch.sin(x) + 0.5 * x)
+    x_r, _ = flow.rf_solver_step(velocity, x, 0.5, 0.75)
+    v0 = torch.sin(x) + 0.5 * x
+    x_mid = x + h / 2 * v0
+    v_mid = torch.sin(x_mid) + 0.625 * x_mid
+    assert torch.allclose(x_r, x + h * v0 + 0.5 * h**2 * (v_mid - v0) / (h / 2))
+    assert calls == [0.5, 0.5, 0.625]
+    sigmas = torch.tensor([1.0, 0.6, 0.2, 0.0])
+    calls.clear()
+    latents = flow.invert(velocity, x, sigmas, flow.euler_step)
+    assert calls == [0.0, pytest.approx(0.2), pytest.approx(0.6)] and torch.equal(latents[3], x)
+    assert torch.allclose(latents[2], x + 0.2 * torch.sin(x))  # v(x, 0) = sin(x)
+    calls.clear()
+    flow.sample(velocity, latents[0], sigmas, flow.rf_solver_step)
+    assert calls[::2] == [1.0, pytest.approx(0.6), pytest.approx(0.2)]
+    with pytest.raises(ValueError, match="flow method 'heun' is unknown"):
+        flow.solver_of("heun")
+
+
+def test_flow_sigmas_are_comfyuis_simple_scheduler(tiny):
+    import comfy.samplers
+
+    schedule = pkg("inversion.schedule")
+    sampling = tiny.model.model.model_sampling
+    # the 2024 host's simple_scheduler takes the model (reads .model_sampling), 0.3.x's the model sampling
+    arg = types.SimpleNamespace(model_sampling=sampling, sigmas=sampling.sigmas)
+    for steps in (1, 3, 7, 28):
+        assert torch.equal(schedule.flow_sigmas(sampling.sigmas, steps), comfy.samplers.simple_scheduler(arg, steps))
+
+
+@pytest.mark.newer_host(NEWER)
+def test_flux_schedule_is_the_simple_scheduler_of_its_model_sampling(flux):
+    import comfy.samplers
+
+    model, clip = flux
+    sigmas = invert(model, clip, "flow_euler", steps=5)[2]
+    assert torch.equal(sigmas, comfy.samplers.simple_scheduler(model.get_model_object("model_sampling"), 5))
