@@ -81,20 +81,20 @@ class AttnEditInvert:
                 "inner_steps": ("INT", {"default": null_text.NULL_TEXT_INNER_STEPS, "min": 1, "max": 100,
                                         "tooltip": "null_text only: max Adam iterations per step (early stop at "
                                                    "loss < 1e-5 + i*2e-5)."}),
+                "capture_self_attention": ("BOOLEAN", {"default": False,
+                                                       "tooltip": "Also keep 32x32 self-attention (for DPL background "
+                                                                  "masks). Uses ~4 MB per image."}),
                 "guidance": ("FLOAT", {"default": comfy_model.FLUX_DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0,
                                        "step": 0.1,
                                        "tooltip": "Flux-dev only: the guidance embedding value (what core "
                                                   "FluxGuidance sets; 3.5 is Flux-dev's default) used by inversion "
                                                   "and editing. Ignored by SD models and Flux Schnell."}),
-                "capture_self_attention": ("BOOLEAN", {"default": False,
-                                                       "tooltip": "Also keep 32x32 self-attention (for DPL background "
-                                                                  "masks). Uses ~4 MB per image."}),
             },
         }
 
     def invert(self, model, clip, source_prompt, method, steps, cfg, image=None, vae=None, latent=None,
-               negative_prompt="", inner_steps=null_text.NULL_TEXT_INNER_STEPS,
-               guidance=comfy_model.FLUX_DEFAULT_GUIDANCE, capture_self_attention=False):
+               negative_prompt="", inner_steps=null_text.NULL_TEXT_INNER_STEPS, capture_self_attention=False,
+               guidance=comfy_model.FLUX_DEFAULT_GUIDANCE):
         return wrap_errors(NODE, self._invert, model, clip, source_prompt, method, steps, cfg, image, vae, latent,
                            negative_prompt, inner_steps, capture_self_attention, guidance)
 
