@@ -161,14 +161,6 @@ def with_guidance(model, conditioning: list, guidance: float) -> list:
     return [[entry[0], {**entry[1], "guidance": float(guidance)}] for entry in conditioning]
 
 
-def guidance_of(conditioning: list) -> float | None:
-    """The guidance value on the first entry of a CONDITIONING (FluxGuidance), or None."""
-    if not conditioning:
-        return None
-    value = conditioning[0][1].get("guidance")
-    return None if value is None else float(value)
-
-
 def count_sites(model, kind: str, level: int) -> int:
     """Attention calls of `kind` ("cross" / "self") at `level` in one UNet forward: a capture holding that many live
     maps may end the forward (CaptureSpec.stop_after). Every transformer site has one self and one cross call."""
@@ -376,7 +368,9 @@ class ComfyDenoiser:
     def __call__(self, x: torch.Tensor, sigma: float, *, context: dict | None = None,
                  labels: frozenset | None = None, fill: dict | None = None, velocity: bool = False) -> torch.Tensor:
         """CFG-combined x0 prediction; with `velocity` (flow models only) the CFG-combined raw velocity v instead,
-        exact at every sigma including 0, where x0 = x - sigma * v does not determine v."""
+        exact at every sigma including 0, where x0 = x - sigma * v does not determine v (every chunk is computed)."""
+        if velocity and labels is not None:
+            raise ValueError("a velocity read computes every CFG chunk; `labels` cannot be combined with it")
         run = self.run
         run.context_override = dict(context or {})
         run.compute_labels = labels

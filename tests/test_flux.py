@@ -165,6 +165,27 @@ def test_no_state_leaks_into_the_next_run(flux):
     assert torch.equal(ed1[0]["samples"], ed2[0]["samples"])
 
 
+@pytest.mark.newer_host(NEWER)
+def test_velocity_reads_are_exact_at_sigma_zero_and_refuse_partial_labels(flux):
+    """ComfyDenoiser(velocity=True) returns the raw model output even at sigma 0 (denoised = x there), and cannot be
+    combined with a partial-chunk `labels` read; the run's knobs are reset afterwards."""
+    model, clip = flux
+    cm, run_mod = pkg("inversion.comfy_model"), pkg("attention.run")
+    patched = tiny_families.flow_patch(model, _linear_velocity())
+    cond = cm.with_guidance(patched, cm.encode_text(clip, SRC), 2.0)
+    sigmas = torch.tensor([1.0, 0.0])
+    run = run_mod.RunState(sigmas, ("source",))
+
+    def algorithm(den, x):
+        v0, d0 = den(x, 0.0, velocity=True), den(x, 0.0)
+        with pytest.raises(ValueError, match="`labels` cannot be combined"):
+            den(x, 0.0, labels=frozenset({0}), velocity=True)
+        return v0, d0, x, run.velocity
+
+    v0, d0, x, flag = cm.run_sampler(patched, cond, cond, flux_latent()["samples"], sigmas, 1.0, algorithm, run)
+    assert torch.allclose(v0, 0.3 * x + 0.05 * 2.0) and torch.equal(d0, x) and flag is False
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.newer_host(NEWER)
 def test_flux_with_an_sd_clip_is_refused(flux, tiny):
