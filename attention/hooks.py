@@ -9,11 +9,13 @@ patch nodes (keys.CONTROLLERS) and the RunState of the sampling node (keys.RUN).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from . import keys
-from .layers import AttnSite, query_grid
+from .joint import JointLayout, joint_dispatch
+from .layers import FLUX_DOUBLE, FLUX_LEVEL, FLUX_SINGLE, AttnSite, flux_grid, query_grid
 from .run import AttnCall, BatchLayout, Controller, RunState, dispatch
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,16 @@ def unet_sites(model_patcher) -> list[AttnSite]:
         if any(type(m).__name__ == "Upsample" for m in block):
             level //= 2
     return sites
+
+
+def flux_sites(model_patcher) -> list[AttnSite]:
+    """Every joint-attention site of a Flux diffusion model (comfy/ldm/flux/model.py): ("double", i) for each
+    double-stream block, then ("single", j) for each single-stream block, all at FLUX_LEVEL (see layers.py)."""
+    dit = getattr(model_patcher.model, "diffusion_model", None)
+    if dit is None or not hasattr(dit, "double_blocks") or not hasattr(dit, "single_blocks"):
+        return []
+    return ([AttnSite(FLUX_DOUBLE, i, 0, FLUX_LEVEL) for i in range(len(dit.double_blocks))]
+            + [AttnSite(FLUX_SINGLE, j, 0, FLUX_LEVEL) for j in range(len(dit.single_blocks))])
 
 
 def _block_sites(name: str, index: int, block, level: int) -> list[AttnSite]:
@@ -118,10 +130,14 @@ setattr(attn2_dispatch, keys.DISPATCH_MARK, True)
 
 
 def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None:
-    """Route the given sites (default: all) of `model_patcher` (a clone) through our dispatchers.
+    """Route the given sites (default: all) of `model_patcher` (a clone) through our dispatchers (Flux: joint
+    attention, see install_joint_dispatch).
 
     A site that already carries another pack's replace patch is left alone (logged): we never drop a foreign patch.
     """
+    if sites is None and flux_sites(model_patcher):
+        install_joint_dispatch(model_patcher)
+        return
     sites = unet_sites(model_patcher) if sites is None else sites
     replace = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
     for site in sites:
@@ -139,6 +155,87 @@ def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None
         attn2 = options.get("patches_replace", {}).get("attn2", {})
         options[keys.DISPATCHED_SITES] = frozenset(key for key, fn in attn2.items()
                                                    if getattr(fn, keys.DISPATCH_MARK, False))
+
+
+# --------------------------------------------------------------------------------------------------- Flux joint attention
+@dataclass(frozen=True)
+class FluxBlockSite:
+    """`patches_replace["dit"]` entry of one Flux block: runs the host's block unchanged with the block's site added to
+    a copy of its transformer_options, so the attention override knows which block calls it (Flux's blocks do not say).
+    Deep copies keep it (ModelPatcher.clone deep-copies model_options)."""
+
+    block: str
+    index: int
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = args.get("transformer_options") or {}
+        if options.get(keys.RUN) is None:  # outside our samplers nothing acts: the block as the host runs it
+            return extra["original_block"](args)
+        options = dict(options)
+        options[keys.SITE] = (self.block, self.index)
+        return extra["original_block"](dict(args, transformer_options=options))
+
+
+setattr(FluxBlockSite, keys.DISPATCH_MARK, True)
+
+
+def joint_attention_override(func, *args, **kwargs):
+    """`transformer_options["optimized_attention_override"]` (ComfyUI 0.3.x wrap_attn) of a Flux clone: the joint
+    attention of a block inside our samplers goes through attention.joint.joint_dispatch; every other call (no run, no
+    site, a mask, another layout) runs `func`, the host's kernel, unchanged."""
+    options = kwargs.get("transformer_options") or {}
+    run = options.get(keys.RUN)
+    site = options.get(keys.SITE)
+    layout: JointLayout | None = options.get(keys.JOINT_LAYOUT)
+    if run is None or site is None or layout is None or len(args) < 4 or not kwargs.get("skip_reshape") \
+            or kwargs.get("mask") is not None or kwargs.get("skip_output_reshape"):
+        return func(*args, **kwargs)
+    q, k, v, heads = args[:4]
+    if q.ndim != 4 or not layout.fits(q.shape[2]):
+        log.debug("Attention Edit: joint attention of %s tokens does not match %s; host kernel", q.shape, layout)
+        return func(*args, **kwargs)
+    batch = BatchLayout.from_call(q.shape[0], options.get("cond_or_uncond", [0]))
+    sigma = run.sigma if run.sigma is not None else float(options["sigmas"][0]) if "sigmas" in options else 0.0
+    attn_site = AttnSite(site[0], int(site[1]), 0, FLUX_LEVEL)
+    return joint_dispatch(q, k, v, layout, attn_site, batch, run, sigma, options.get(keys.CONTROLLERS, ()),
+                          lambda q_text: func(q_text, k, v, heads, *args[4:], **kwargs),
+                          lambda: func(*args, **kwargs))
+
+
+def install_joint_dispatch(model_patcher) -> None:
+    """Route a Flux clone's joint attention through the pack: a `patches_replace["dit"]` entry per block (its site)
+    and the `optimized_attention_override` (ComfyUI 0.3.x public transformer_options key). A block or override that
+    another node installed is left alone (logged)."""
+    options = model_patcher.model_options.setdefault("transformer_options", {})
+    dit = options.get("patches_replace", {}).get("dit", {})
+    for site in flux_sites(model_patcher):
+        name = f"{site.block}_block"
+        current = dit.get((name, site.index))
+        if current is not None and not getattr(current, keys.DISPATCH_MARK, False):
+            log.warning("Attention Edit: Flux %s %d already patched by another node; leaving it alone", name,
+                        site.index)
+            continue
+        model_patcher.set_model_patch_replace(FluxBlockSite(site.block, site.index), "dit", name, site.index)
+    options = model_patcher.model_options["transformer_options"]
+    current = options.get("optimized_attention_override")
+    if current is not None and current is not joint_attention_override:
+        log.warning("Attention Edit: another node set optimized_attention_override; Flux attention is not routed")
+        return
+    options["optimized_attention_override"] = joint_attention_override
+    options[keys.JOINT] = True
+
+
+def joint_layout(c: dict, latent: torch.Tensor) -> JointLayout:
+    """Text tokens (the T5 context's length, c_crossattn) and image grid of one Flux model call."""
+    return JointLayout(int(c["c_crossattn"].shape[1]), flux_grid((int(latent.shape[-2]), int(latent.shape[-1]))))
+
+
+def is_joint(model_patcher) -> bool:
+    """True for a model whose attention sites are joint (Flux)."""
+    return bool(flux_sites(model_patcher))
 
 
 def add_controller(model, controller: Controller):
@@ -333,6 +430,9 @@ def make_unet_wrapper(prev=None):
             c = dict(c, c_crossattn=_override_context(c["c_crossattn"], labels, per_chunk, run.context_override))
         if run.control_roles is not None and c.get("control") is not None:
             c = dict(c, control=keep_control_rows(c["control"], _control_keep(run, labels, per_chunk)))
+        options = c.get("transformer_options", {})
+        if options.get(keys.JOINT) and c.get("c_crossattn") is not None:  # Flux: how this call's tokens are laid out
+            c = dict(c, transformer_options={**options, keys.JOINT_LAYOUT: joint_layout(c, x)})
         keep = [i for i, lab in enumerate(labels) if run.compute_labels is None or lab in run.compute_labels]
         if run.velocity:
             out = _velocity_call(prev, apply_model, dict(args, c=c))

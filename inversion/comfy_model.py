@@ -24,7 +24,7 @@ from ..attention.run import RunState
 log = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")  # UNet families: every technique
-FLOW_FAMILIES = ("flux",)  # rectified-flow DiT families: inversion and the edit sampler only (docs/flux.md)
+FLOW_FAMILIES = ("flux",)  # rectified-flow DiT families: inversion, edit sampler, P2P, attention maps (docs/flux.md)
 INVERTIBLE_FAMILIES = SUPPORTED_FAMILIES + FLOW_FAMILIES
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux"}
 # The sampler maths a family needs, from ComfyUI's model_sampling class (comfy/model_sampling.py): EPS (eps
@@ -123,7 +123,8 @@ def require_family(model, technique: str, families: tuple[str, ...] = SUPPORTED_
             f"{technique} supports {', '.join(FAMILY_NAMES.get(f, f) for f in unets)} UNet models{also}; the "
             f"connected MODEL is {FAMILY_NAMES.get(family, family)}. Load {load} for this node"
             + ("." if flows or family not in FLOW_FAMILIES else
-               " (on Flux the pack does inversion and the edit sampler only so far, see docs/flux.md)."))
+               " (on Flux the pack does inversion, the edit sampler, Prompt-to-Prompt and attention maps so far, see "
+               "docs/flux.md)."))
     return family
 
 
@@ -159,6 +160,15 @@ def with_guidance(model, conditioning: list, guidance: float) -> list:
     if not guidance_embedded(model):
         return conditioning
     return [[entry[0], {**entry[1], "guidance": float(guidance)}] for entry in conditioning]
+
+
+def semantic_level(model) -> int:
+    """Level of the attention maps the pack's masks and heat maps read: the UNets' "16x16" level
+    (layers.SEMANTIC_LEVEL) or, on Flux, the joint attention's image-token grid (layers.FLUX_LEVEL: every Flux block
+    attends at latent/2, and every block is averaged, as DAAM averages every UNet layer)."""
+    from ..attention.layers import FLUX_LEVEL, SEMANTIC_LEVEL
+
+    return FLUX_LEVEL if hooks.is_joint(model) else SEMANTIC_LEVEL
 
 
 def count_sites(model, kind: str, level: int) -> int:

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL
+from ..attention.layers import SELF_LEVEL_DPL
 from ..attention.run import CaptureSpec
 from ..attention.store import merge_stores, store_from_run
 from ..attention.tokens import tokenize_prompt
@@ -117,7 +117,7 @@ class AttnEditInvert:
         schedule = flow_sigmas if flow_model else ddim_sigmas
         sigmas = schedule(comfy_model.sigma_table(model), steps)
         steps = len(sigmas) - 1
-        capture = CaptureSpec(cross_levels=frozenset({SEMANTIC_LEVEL}),
+        capture = CaptureSpec(cross_levels=frozenset({comfy_model.semantic_level(model)}),
                               self_levels=frozenset({SELF_LEVEL_DPL}) if capture_self else frozenset())
         units = steps + engine.method_units(method, steps, inner_steps)
         progress = comfy_model.Progress(model, units * samples.shape[0])
@@ -191,7 +191,9 @@ def _package(model, vae, clip, images, reference, sigmas, method, cfg, source, n
         psnr=tuple(psnrs), source_tokens=tokens,
         extras={"null_text_iterations": [im.iterations for im in images]})
     log.info("Attention Edit: %s", trajectory.describe())
-    store = merge_stores([store_from_run(im.run, (tokens,), trajectory.latent_hw, device) for im in images])
+    level = comfy_model.semantic_level(model)
+    store = merge_stores([store_from_run(im.run, (tokens,), trajectory.latent_hw, device, semantic_level=level)
+                          for im in images])
     noise = {"samples": comfy_model.latent_to_raw(model, trajectory.latents[0])}
     mean_psnr = float(sum(psnrs) / len(psnrs)) if psnrs else -1.0
     result = (trajectory, noise, sigmas, {"samples": recon_raw}, mean_psnr, store)

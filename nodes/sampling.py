@@ -77,13 +77,15 @@ class AttnEditEditSampler:
         inner = sum(h.progress_units(inversion.steps) for h in step_hooks if hasattr(h, "progress_units"))
         progress = comfy_model.Progress(model, (inversion.steps + inner) * inversion.batch)
         finals, stores = [], []
+        level = comfy_model.semantic_level(model)
+        capture = CaptureSpec(cross_levels=frozenset({level}))
         for i in range(inversion.batch):
             final, captured, _state = engine.edit_image(
-                model, inversion, i, target, step_hooks, capture=CaptureSpec(),
+                model, inversion, i, target, step_hooks, capture=capture,
                 pin_source=pin, grad=grad, progress=progress.update, target_steps=target_steps)
             finals.append(final)
             stores.append(store_from_run(captured, (inversion.source_tokens, target_tokens), inversion.latent_hw,
-                                         comfy_model.intermediate_device()))
+                                         comfy_model.intermediate_device(), semantic_level=level))
         source = torch.stack([f[0] for f in finals])
         edited = torch.stack([f[1] for f in finals])
         return ({"samples": comfy_model.latent_to_raw(model, edited).to(comfy_model.intermediate_device())},
