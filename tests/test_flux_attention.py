@@ -11,6 +11,8 @@ from conftest import call_node, pkg
 
 NEWER = "Flux exists only in ComfyUI 0.3.x"
 SRC, TGT = "a photo of a cat", "a photo of a dog"
+BLEND = 0.97  # local-blend threshold for the tiny Flux's flat maps
+QK_SCALE = 1.0  # QK-norm scales (the seeded init leaves them 0: uniform attention), see tiny_families.make_flux
 
 
 def flux_latent(seed: int = 3, size: int = 16, batch: int = 1):
@@ -19,13 +21,13 @@ def flux_latent(seed: int = 3, size: int = 16, batch: int = 1):
 
 @pytest.fixture(scope="module")
 def flux():
-    return tiny_families.make_flux(0)
+    return tiny_families.make_flux(0, qk_scale=QK_SCALE)
 
 
-def invert(model, clip, steps=4, prompt=SRC, **inputs):
+def invert(model, clip, steps=4, prompt=SRC, cfg=1.0, **inputs):
     inputs.setdefault("latent", flux_latent())
     return call_node("AttnEditInvert", model=model, clip=clip, source_prompt=prompt, method="flow_euler", steps=steps,
-                     cfg=1.0, **inputs)
+                     cfg=cfg, **inputs)
 
 
 def hook(model, clip, source=SRC, target=TGT, mode="replace", cross=0.8, self_=0.4, **inputs):
@@ -66,50 +68,43 @@ def test_joint_probs_split_by_hand():
     assert bool((cross.sum(-1) < 1).all())
 
 
-class _Replace:
-    """A controller that swaps the cross slice of row 1 for row 0's times a mapper (P2P replace, Eq. in Sec. 3.2)."""
-
-    EDITS_PROBS, EDITS_PROBS_IF_COMPUTED, EDITS_OUTPUT = True, False, False
-
-    def __init__(self, mapper):
-        self.mapper, self.seen = mapper, []
-
-    def active(self, call):
-        return call.kind == "cross"
-
-    def edit_probs(self, call, probs):
-        self.seen.append((call.kind, tuple(probs.shape), call.grid, call.site.block))
-        out = probs.clone()
-        out[1] = torch.einsum("hnw,wt->hnt", probs[0], self.mapper)
-        return out
-
-
-def test_joint_dispatch_replace_equals_the_formula_and_keeps_text_queries():
-    """Hand-computed: row 1's image queries get [P0_cross @ M, P1_self] / row sum, output = P' @ V; row 0 and every
-    text query are unchanged (text queries through the host kernel)."""
-    joint, run_mod, layers = pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers")
+def test_p2p_replace_on_joint_attention_equals_the_formula():
+    """Hand-computed, with the real PromptToPrompt controller (replace, mapper M, cross window covering the step, no
+    self injection): the target row's image queries get [P_src,cross @ M, P_tgt,self] / row sum and output P' @ V; the
+    source row and every text query are unchanged (text queries through the host kernel)."""
+    joint, run_mod, layers, p2p = (pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers"),
+                                   pkg("attention.p2p"))
+    merge = pkg("attention.core").merge_heads
     q, k, v = _qkv()
     text, layout = 3, joint.JointLayout(3, (2, 2))
     mapper = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    ctrl = _Replace(mapper)
+    windows = torch.tensor([[0.0, 1.0]] * 3, dtype=torch.float64)
+    ctrl = p2p.PromptToPrompt("replace", mapper, None, windows, (0.0, 0.0), length=3)
     site = layers.AttnSite("double", 0, 0, layers.FLUX_LEVEL)
-    batch = run_mod.BatchLayout.from_call(2, [0])
+    batch = run_mod.BatchLayout.from_call(2, [0])  # cfg 1: one cond chunk holding (source, target)
     run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"))
 
     def text_attention(q_text):
-        p = torch.softmax(q_text @ k.transpose(-1, -2) / 2.0, -1)
-        return pkg("attention.core").merge_heads(p @ v)
+        return merge(torch.softmax(q_text @ k.transpose(-1, -2) / 2.0, -1) @ v)
 
     out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (ctrl,), text_attention, lambda: None)
     full = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)  # [R, H, L, L]
     img = full[:, :, text:]
-    edited1 = torch.cat([img[0, :, :, :text] @ mapper, img[1, :, :, text:]], -1)
-    edited1 = edited1 / edited1.sum(-1, keepdim=True)
-    expect = torch.stack([img[0], edited1]) @ v
-    merge = pkg("attention.core").merge_heads
-    assert torch.allclose(out[:, text:], merge(expect), atol=1e-5)
+    edited = torch.cat([img[0, :, :, :text] @ mapper, img[1, :, :, text:]], -1)
+    edited = edited / edited.sum(-1, keepdim=True)
+    assert torch.allclose(out[:, text:], merge(torch.stack([img[0], edited]) @ v), atol=1e-5)
     assert torch.allclose(out[:, :text], merge(full[:, :, :text] @ v), atol=1e-5)
-    assert ctrl.seen == [("cross", (2, 2, 4, 3), (2, 2), "double")]
+    # self injection at the same step: the target's image->image slice is the source's, then the row re-normalised
+    both = p2p.PromptToPrompt("replace", mapper, None, windows, (0.0, 1.0), length=3)
+    out2 = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (both,), text_attention, lambda: None)
+    edited2 = torch.cat([img[0, :, :, :text] @ mapper, img[0, :, :, text:]], -1)
+    edited2 = edited2 / edited2.sum(-1, keepdim=True)
+    assert torch.allclose(out2[1, text:], merge(edited2 @ v[1:2])[0], atol=1e-5)
+    # the same step outside the sites chosen for self injection: only the cross edit
+    other = p2p.PromptToPrompt("replace", mapper, None, windows, (0.0, 1.0), length=3,
+                               flux_self_sites=frozenset({("single", 0)}))
+    out3 = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (other,), text_attention, lambda: None)
+    assert torch.allclose(out3, out, atol=1e-6)
 
 
 def test_joint_dispatch_without_controllers_runs_the_host_kernel_and_captures_slices():
@@ -188,3 +183,158 @@ def test_heat_maps_and_mask_from_attention_on_flux(flux):
     assert 0 < float(expect.mean()) <= 1
     with pytest.raises(ValueError, match="the word 'tiger' is not in the source prompt"):
         call_node("AttnEditMaskFromAttention", attention=store, mode="local blend", words="tiger")
+
+
+# ----------------------------------------------------------------------------------------------- Prompt-to-Prompt
+def edit(model, inv, **inputs):
+    edited, source, store = call_node("AttnEditEditSampler", model=model, inversion=inv, **inputs)
+    return edited["samples"], source["samples"], store
+
+
+@pytest.fixture(scope="module")
+def flux_inv(flux):
+    model, clip = flux
+    return invert(model, clip, steps=4)[0]
+
+
+@pytest.mark.newer_host(NEWER)
+@pytest.mark.parametrize("mode", ["replace", "refine"])
+def test_same_prompt_edit_reproduces_the_source(flux, flux_inv, mode):
+    """Target = source: the target's attention is the source's own (identity mapper), so the edit equals the source
+    branch, which equals Invert's reconstruction."""
+    model, clip = flux
+    patched, _target = hook(model, clip, target=SRC, mode=mode)
+    edited, source, _store = edit(patched, flux_inv)
+    assert torch.allclose(edited, source, atol=1e-5), float((edited - source).abs().max())
+    recon = edit(model, flux_inv, target=flux_inv.source)[1]
+    assert torch.allclose(source, recon, atol=1e-4)  # captured maps: the image queries' attention in float32
+
+
+@pytest.mark.newer_host(NEWER)
+@pytest.mark.parametrize("mode,target,extra", [("replace", TGT, {}), ("refine", "a photo of a small cat", {}),
+                                               ("reweight", SRC, {"reweight": "cat=3.0"})])
+def test_p2p_modes_edit_flux(flux, flux_inv, mode, target, extra):
+    model, clip = flux
+    plain = edit(model, flux_inv, target=pkg("inversion.comfy_model").encode_text(clip, target))[0]
+    patched, _t = hook(model, clip, target=target, mode=mode, **extra)
+    edited, source, store = edit(patched, flux_inv)
+    assert torch.isfinite(edited).all()
+    assert float((edited - plain).abs().max()) > 1e-3  # the attention edit acts
+    assert store.cross_map().shape == (2, 8, 8, 256) and store.roles == ("source", "target")
+
+
+@pytest.mark.newer_host(NEWER)
+def test_local_blend_keeps_the_source_outside_the_mask(flux, flux_inv):
+    """After the last step the target equals the source exactly where the union of the blend words' masks (P2P
+    local blend on the captured 8x8 maps, the same running mean the step hook read) is 0, and differs inside.
+    The random tiny Flux's maps are flat (within 25% of their maximum), hence the high threshold."""
+    model, clip = flux
+    p2p = pkg("attention.p2p")
+    patched, _t = hook(model, clip, local_blend="cat, dog", blend_threshold=BLEND, blend_start=0.0)
+    edited, source, store = edit(patched, flux_inv)
+    src_tok, tgt_tok = store.prompts[0].find_text("cat"), store.prompts[1].find_text("dog")
+    maps = store.cross_map().reshape(2, 64, 256)
+    masks = p2p.local_blend_mask(maps, [src_tok, tgt_tok], (16, 16), (8, 8), BLEND, 1)
+    mask = torch.maximum(masks[0], masks[1])[0]
+    outside = mask == 0
+    assert 0 < int(outside.sum()) < 256, float(mask.mean())
+    assert torch.equal(edited[0][:, outside], source[0][:, outside])
+    assert float((edited[0][:, ~outside] - source[0][:, ~outside]).abs().max()) > 1e-4
+
+
+@pytest.mark.newer_host(NEWER)
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_batch_layout_and_sites_seen_by_controllers(flux, cfg):
+    """cfg 1: one cond chunk; cfg > 1: two chunks (uncond and cond). Every joint call reaches the controllers as one
+    cross and one self call per block, with the site, the step and the 8x8 grid."""
+    model, clip = flux
+    run_mod, hooks = pkg("attention.run"), pkg("attention.hooks")
+    inv = invert(model, clip, steps=2, cfg=cfg)[0]
+    seen = []
+
+    class Recorder(run_mod.Controller):
+        EDITS_PROBS = True
+
+        def __deepcopy__(self, memo):
+            return self
+
+        def active(self, call):
+            return call.run is not None and len(call.run.roles) == 2
+
+        def edit_probs(self, call, probs):
+            seen.append((call.kind, call.site.block, call.site.index, call.layout.labels, call.grid,
+                         tuple(probs.shape), call.step))
+            return probs
+
+    patched = hooks.add_controller(model, Recorder())
+    edit(patched, inv, target=inv.source)
+    labels = {s[3] for s in seen}
+    assert labels == {(0,)} if cfg == 1.0 else labels in ({(1, 0)}, {(0, 1)})
+    rows = 2 * len(next(iter(labels)))
+    assert {(s[0], s[1], s[2]) for s in seen} == {(k, b, 0) for k in ("cross", "self") for b in ("double", "single")}
+    assert {s[4] for s in seen} == {(8, 8)} and {s[6] for s in seen} == {0, 1}
+    assert {s[5] for s in seen} == {(rows, 2, 64, 256), (rows, 2, 64, 64)}
+
+
+@pytest.mark.newer_host(NEWER)
+def test_no_leakage_into_the_next_run(flux, flux_inv):
+    model, clip = flux
+    before = repr(model.model_options)
+    patched, _t = hook(model, clip, local_blend="cat, dog")
+    first = edit(patched, flux_inv)[0]
+    plain = edit(model, flux_inv, target=flux_inv.source)[0]
+    assert torch.equal(edit(patched, flux_inv)[0], first)
+    assert torch.equal(edit(model, flux_inv, target=flux_inv.source)[0], plain)
+    assert repr(model.model_options) == before
+
+
+@pytest.mark.newer_host(NEWER)
+def test_interrupted_flux_edit_leaves_the_next_run_clean(flux, flux_inv, monkeypatch):
+    import comfy.model_management as mm
+
+    model, clip = flux
+    patched, _t = hook(model, clip, local_blend="cat, dog")
+    fresh = edit(patched, flux_inv)[0]
+    progress = pkg("inversion.comfy_model").Progress
+    original = progress.update
+    seen = []
+
+    def stop(self, units=1, x0=None):
+        seen.append(units)
+        if len(seen) == 2:
+            mm.interrupt_current_processing(True)
+        return original(self, units, x0)
+
+    monkeypatch.setattr(progress, "update", stop)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            edit(patched, flux_inv)
+    finally:
+        mm.interrupt_current_processing(False)
+        monkeypatch.setattr(progress, "update", original)
+    assert len(seen) == 2 and torch.equal(edit(patched, flux_inv)[0], fresh)
+
+
+# ----------------------------------------------------------------------------------------------- T5 words, bad input
+@pytest.mark.newer_host(NEWER)
+def test_t5_words_and_prompt_errors(flux):
+    model, clip = flux
+    tokens = pkg("attention.tokens").tokenize_prompt(clip, "a sunflower, in Paris")
+    groups = tokens.word_groups()
+    assert [g[1] for g in groups] == ["a", "sunflower", "in", "paris"]
+    # T5 pieces: "\u2581" "a" | "\u2581sunflower" "," | ... : glued punctuation belongs to the word, a lone "\u2581"
+    # piece opens one; a word given alone finds its own pieces inside the prompt's
+    assert groups[0][0] == [0, 1] and groups[1][0] == [2, 3] and tokens.pieces[:4] == ("", "a", "sunflower", ",")
+    lookup = pkg("attention.tokens").word_token_ids
+    assert tokens.find(lookup(clip, "sunflower"), "sunflower") == [2] and tokens.find(lookup(clip, "a"), "a") == [0, 1]
+    message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt="a photo of a Cat",
+                       target_prompt="a photo of a dog", mode="replace", cross_replace=0.8, self_replace=0.4,
+                       local_blend="cat")
+    assert "local blend word 'cat' is in neither prompt" in message, message
+    long = " ".join(["cat"] * 300)
+    message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=long,
+                       mode="refine", cross_replace=0.8, self_replace=0.4)
+    assert "`target_prompt` has 301 T5 tokens" in message and "holds 256" in message and "Shorten" in message
+    message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=TGT,
+                       mode="replace", cross_replace=0.8, self_replace=0.4, reweight="tiger=2")
+    assert "the word 'tiger' is not in the target prompt" in message and "T5 (Flux) splits a word" in message

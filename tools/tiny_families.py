@@ -291,8 +291,11 @@ def _flux_classes():
     return TinyFlux, comfy.model_base.Flux
 
 
-def make_flux(seed: int = 0):
-    """(MODEL, CLIP) of a tiny Flux-dev-shaped model (rectified flow, CONST sampling, guidance embedding)."""
+def make_flux(seed: int = 0, qk_scale: float | None = None):
+    """(MODEL, CLIP) of a tiny Flux-dev-shaped model (rectified flow, CONST sampling, guidance embedding).
+
+    The seeded init zeroes 1-d parameters, so the QK-norm scales are 0 and every attention is uniform; `qk_scale` sets
+    them (tests of attention edits use 1.0, the RMSNorm identity, so the attention depends on the tokens)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
@@ -303,6 +306,10 @@ def make_flux(seed: int = 0):
     with torch.inference_mode():
         model = model_cls(cfg, device=mm.unet_offload_device())
         init_weights(model, seed)
+        for module in model.modules():
+            if qk_scale is not None and type(module).__name__ == "QKNorm":
+                module.query_norm.scale.fill_(qk_scale)
+                module.key_norm.scale.fill_(qk_scale)
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                    offload_device=mm.unet_offload_device())
     with torch.no_grad():
