@@ -201,8 +201,8 @@ def joint_attention_override(func, *args, **kwargs):
     sigma = run.sigma if run.sigma is not None else float(options["sigmas"][0]) if "sigmas" in options else 0.0
     attn_site = AttnSite(site[0], int(site[1]), 0, FLUX_LEVEL)
     return joint_dispatch(q, k, v, layout, attn_site, batch, run, sigma, options.get(keys.CONTROLLERS, ()),
-                          lambda q_text: func(q_text, k, v, heads, *args[4:], **kwargs),
-                          lambda: func(*args, **kwargs))
+                          lambda q_text, k_, v_: func(q_text, k_, v_, heads, *args[4:], **kwargs),
+                          lambda q_, k_, v_: func(q_, k_, v_, heads, *args[4:], **kwargs))
 
 
 def install_joint_dispatch(model_patcher) -> None:

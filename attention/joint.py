@@ -83,20 +83,25 @@ def joint_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Jo
                    ) -> torch.Tensor:
     """One joint attention call through the pack's controllers: output [R, T + N, H*D] (the host's layout).
 
-    q, k, v [R, H, L, D] (after RoPE, as comfy/ldm/flux/math.py hands them to optimized_attention). When no controller
-    acts on either slice and nothing is captured, `host_attention()` runs (bit-identical to the unpatched model).
+    q, k, v [R, H, L, D] (after RoPE, as comfy/ldm/flux/math.py hands them to optimized_attention). First, controllers
+    with EDITS_JOINT_KV (KV-Edit-style background preservation) may replace keys / values of the joint sequence
+    (`edit_joint_kv(self_call, k, v, text)`, for every query). When no controller edits probabilities and nothing is
+    captured, `host_attention(q, k, v)` runs (bit-identical to the unpatched model when no keys were replaced).
     Otherwise: the image queries' joint probs are computed, controllers edit the cross slice (calls of kind "cross")
     and the self slice (kind "self") in installation order, the rows are re-normalised when something was edited, the
-    slices are recorded (capture), and the image queries' output is P @ V; `text_attention(q_text)` gives the text
-    queries' output. Output editors (EDITS_OUTPUT) are not supported on joint attention (their nodes refuse Flux).
+    slices are recorded (capture), and the image queries' output is P @ V; `text_attention(q_text, k, v)` gives the
+    text queries' output. Output editors (EDITS_OUTPUT) are not supported on joint attention (their nodes refuse Flux).
     """
     cross_call, self_call = joint_calls(layout, q.shape[1], site, batch, run, sigma)
+    for ctrl in controllers:
+        if getattr(ctrl, "EDITS_JOINT_KV", False) and ctrl.active(self_call):
+            k, v = ctrl.edit_joint_kv(self_call, k, v, layout.text)
     editors = {call.kind: [c for c in controllers if (c.EDITS_PROBS or c.EDITS_PROBS_IF_COMPUTED) and c.active(call)]
                for call in (cross_call, self_call)}
     capture = run is not None and run.capture is not None
     wants = {kind: capture and run.capture.wants(kind, site.level) for kind in ("cross", "self")}
     if not any(editors.values()) and not any(wants.values()):
-        return host_attention()
+        return host_attention(q, k, v)
     probs = joint_probs(q, k, layout.text)
     for call in (cross_call, self_call):
         attach(call, q, k, v, layout.text, probs)
@@ -113,4 +118,16 @@ def joint_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Jo
     if wants["self"]:
         run.record(self_call, self_)
     image = merge_heads(probs.to(v.dtype) @ v)
-    return torch.cat([text_attention(q[:, :, :layout.text]), image], 1)
+    return torch.cat([text_attention(q[:, :, :layout.text], k, v), image], 1)
+
+
+def copy_keys(k: torch.Tensor, v: torch.Tensor, pairs: list[tuple[int, int]], positions: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [R, H, L, D] with the tokens at `positions` of each target row replaced by its source row's: KV-Edit's
+    background preservation (Zhu et al. 2025, Sec. 3.2: the background tokens' keys and values come from the
+    inversion, only the foreground is regenerated). `pairs` (source row, target row); new tensors."""
+    k, v = k.clone(), v.clone()
+    for s, t in pairs:  # int rows: no index tensor copied to the device per call
+        k[t, :, positions] = k[s, :, positions]
+        v[t, :, positions] = v[s, :, positions]
+    return k, v

@@ -294,7 +294,7 @@ class SD3:  # a config class of a non-UNet family no node of this pack handles
 
 
 # the nodes that also take Flux (tests/test_flux.py, tests/test_flux_attention.py)
-FLUX_NODES = ("AttnEditAttentionHook", "AttnEditInvert", "AttnEditEditSampler")
+FLUX_NODES = ("AttnEditAttentionHook", "AttnEditCPAMSelfAttn", "AttnEditInvert", "AttnEditEditSampler")
 
 
 def _family_inputs(tiny, inv, node_id):
@@ -332,8 +332,8 @@ def test_technique_nodes_refuse_the_real_flux(tiny, inv, node_id):
     flux_model, _flux_clip = tiny_families.make_flux(0)
     message = error_of(node_id, model=flux_model, **_family_inputs(tiny, inv, node_id))
     assert "supports SD1.x, SD2.x, SDXL UNet models; the connected MODEL is Flux" in message, message
-    assert "on Flux the pack does inversion, the edit sampler, Prompt-to-Prompt and attention maps so far, see " \
-           "docs/flux.md" in message
+    assert "on Flux the pack does inversion, the edit sampler, Prompt-to-Prompt, attention maps and CPAM's " \
+           "background preservation so far, see docs/flux.md" in message
 
 
 def test_fp16_model_weights(tiny):

@@ -84,10 +84,10 @@ def test_p2p_replace_on_joint_attention_equals_the_formula():
     batch = run_mod.BatchLayout.from_call(2, [0])  # cfg 1: one cond chunk holding (source, target)
     run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"))
 
-    def text_attention(q_text):
+    def text_attention(q_text, k, v):
         return merge(torch.softmax(q_text @ k.transpose(-1, -2) / 2.0, -1) @ v)
 
-    out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (ctrl,), text_attention, lambda: None)
+    out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (ctrl,), text_attention, lambda *a: None)
     full = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)  # [R, H, L, L]
     img = full[:, :, text:]
     edited = torch.cat([img[0, :, :, :text] @ mapper, img[1, :, :, text:]], -1)
@@ -96,14 +96,14 @@ def test_p2p_replace_on_joint_attention_equals_the_formula():
     assert torch.allclose(out[:, :text], merge(full[:, :, :text] @ v), atol=1e-5)
     # self injection at the same step: the target's image->image slice is the source's, then the row re-normalised
     both = p2p.PromptToPrompt("replace", mapper, None, windows, (0.0, 1.0), length=3)
-    out2 = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (both,), text_attention, lambda: None)
+    out2 = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (both,), text_attention, lambda *a: None)
     edited2 = torch.cat([img[0, :, :, :text] @ mapper, img[0, :, :, text:]], -1)
     edited2 = edited2 / edited2.sum(-1, keepdim=True)
     assert torch.allclose(out2[1, text:], merge(edited2 @ v[1:2])[0], atol=1e-5)
     # the same step outside the sites chosen for self injection: only the cross edit
     other = p2p.PromptToPrompt("replace", mapper, None, windows, (0.0, 1.0), length=3,
                                flux_self_sites=frozenset({("single", 0)}))
-    out3 = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (other,), text_attention, lambda: None)
+    out3 = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (other,), text_attention, lambda *a: None)
     assert torch.allclose(out3, out, atol=1e-6)
 
 
@@ -115,9 +115,9 @@ def test_joint_dispatch_without_controllers_runs_the_host_kernel_and_captures_sl
     batch = run_mod.BatchLayout.from_call(2, [1, 0])  # cfg > 1: two chunks (uncond, cond) of one row each
     sentinel = object()
     run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source",))
-    assert joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (), None, lambda: sentinel) is sentinel
+    assert joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (), None, lambda *a: sentinel) is sentinel
     run.capture = run_mod.CaptureSpec(cross_levels=frozenset({layers.FLUX_LEVEL}))
-    out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (), lambda qt: qt.new_zeros(2, 3, 8), None)
+    out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (), lambda qt, k, v: qt.new_zeros(2, 3, 8), None)
     assert out.shape == (2, 7, 8)
     cross = joint.joint_probs(q, k, 3)[..., :3]
     assert torch.allclose(run.mean_map("cross", layers.FLUX_LEVEL), cross[1:].mean(1))  # the cond chunk only
@@ -338,3 +338,66 @@ def test_t5_words_and_prompt_errors(flux):
     message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=TGT,
                        mode="replace", cross_replace=0.8, self_replace=0.4, reweight="tiger=2")
     assert "the word 'tiger' is not in the target prompt" in message and "T5 (Flux) splits a word" in message
+
+
+# ----------------------------------------------------------------------------------------------- background (CPAM)
+def test_background_keys_and_values_come_from_the_source_by_hand():
+    """KV-Edit on a joint call: the target row attends [K_t,text; K_img with the cells outside M' from the source row]
+    (every query), by hand; the source row is unchanged. Mask on a 4x4 latent -> 2x2 token grid, editable cell (0, 0)."""
+    joint, run_mod, layers, kvedit = (pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers"),
+                                      pkg("attention.kvedit"))
+    merge = pkg("attention.core").merge_heads
+    q, k, v = _qkv()
+    layout = joint.JointLayout(3, (2, 2))
+    mask = torch.zeros(1, 4, 4)
+    mask[0, :2, :2] = 1.0
+    ctrl = kvedit.JointBackgroundKV(mask)
+    site = layers.AttnSite("single", 0, 0, layers.FLUX_LEVEL)
+    batch = run_mod.BatchLayout.from_call(2, [0])
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"))
+
+    def host(q_, k_, v_):
+        return merge(torch.softmax(q_ @ k_.transpose(-1, -2) / 2.0, -1) @ v_)
+
+    out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (ctrl,), None, host)
+    k2, v2 = k.clone(), v.clone()
+    for pos in (4, 5, 6):  # text 0-2, image cells 3 (editable), 4, 5, 6 (background)
+        k2[1, :, pos], v2[1, :, pos] = k[0, :, pos], v[0, :, pos]
+    assert torch.allclose(out, host(q, k2, v2), atol=1e-6)
+    assert torch.allclose(out[0], host(q, k, v)[0], atol=1e-6)
+    assert not torch.allclose(out[1], host(q, k, v)[1], atol=1e-4)
+
+
+@pytest.mark.newer_host(NEWER)
+def test_cpam_on_flux_preserves_the_background_bit_for_bit(flux, flux_inv):
+    """CPAM 'replace object' on Flux: outside the (expanded) mask the edit equals the pinned source exactly; inside it
+    differs, and differently from a latent blend alone (the source's background keys / values act)."""
+    model, clip = flux
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:88] = 1.0
+    patched, _target = call_node("AttnEditCPAMSelfAttn", model=model, inversion=flux_inv, clip=clip, source_mask=mask,
+                                 target_prompt=TGT, strategy="replace object", mask_expand=0.0)
+    edited, source, _store = edit(patched, flux_inv, source_branch="pin to inversion")
+    cm = pkg("inversion.comfy_model")
+    assert torch.equal(source, cm.latent_to_raw(model, flux_inv.latents[-1]))
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:12, 5:11] = True
+    assert torch.equal(edited[0][:, ~inside], source[0][:, ~inside])
+    assert float((edited[0][:, inside] - source[0][:, inside]).abs().max()) > 1e-3
+    blend_only = pkg("attention.hooks").add_step_hook(model, pkg("attention.kvedit").BackgroundLatentBlend(
+        patched.model_options["transformer_options"]["attnedit_controllers"][0].masks))
+    target = cm.encode_text(clip, TGT)
+    other = edit(blend_only, flux_inv, target=target, source_branch="pin to inversion")[0]
+    assert torch.equal(other[0][:, ~inside], source[0][:, ~inside])
+    assert float((edited[0][:, inside] - other[0][:, inside]).abs().max()) > 1e-3
+
+
+@pytest.mark.newer_host(NEWER)
+def test_cpam_strategies_without_a_flux_form_are_refused(flux, flux_inv):
+    model, clip = flux
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:88] = 1.0
+    message = error_of("AttnEditCPAMSelfAttn", model=model, inversion=flux_inv, clip=clip, source_mask=mask,
+                       target_prompt=TGT, strategy="remove object")
+    assert "`strategy` 'remove object' does not run on Flux" in message
+    assert "'replace object' or 'change background'" in message and "Prompt-to-Prompt Attention Hook" in message
