@@ -94,7 +94,7 @@ def joint_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Jo
     """
     cross_call, self_call = joint_calls(layout, q.shape[1], site, batch, run, sigma)
     for ctrl in controllers:
-        if getattr(ctrl, "EDITS_JOINT_KV", False) and ctrl.active(self_call):
+        if ctrl.EDITS_JOINT_KV and ctrl.active(self_call):
             k, v = ctrl.edit_joint_kv(self_call, k, v, layout.text)
     editors = {call.kind: [c for c in controllers if (c.EDITS_PROBS or c.EDITS_PROBS_IF_COMPUTED) and c.active(call)]
                for call in (cross_call, self_call)}

@@ -46,8 +46,9 @@ class AttnEditAttentionHook:
                                             "step": 0.01, "tooltip": "Fraction of steps whose cross-attention comes "
                                                                      "from the source (higher = closer layout)."}),
                 "self_replace": ("FLOAT", {"default": p2p.SELF_REPLACE_DEFAULT, "min": 0.0, "max": 1.0, "step": 0.01,
-                                           "tooltip": "Fraction of steps whose self-attention (<=32x32 layers) comes "
-                                                      "from the source (higher = closer structure)."}),
+                                           "tooltip": "Fraction of steps whose self-attention (<=32x32 layers; Flux: "
+                                                      "the image-to-image attention in Stable Flow's vital layers) "
+                                                      "comes from the source (higher = closer structure)."}),
             },
             "optional": {
                 "reweight": ("STRING", {"default": "", "tooltip": "word=scale pairs of the target prompt, e.g. "
