@@ -41,13 +41,35 @@ class JointLayout:
         return length == self.text + self.image
 
 
+CAPTURE_CHUNK_BYTES = 256 * 2**20  # capture-only calls: float32 logits held at once (queries taken in chunks)
+
+
 def joint_probs(q: torch.Tensor, k: torch.Tensor, text: int) -> torch.Tensor:
     """softmax(Q_img K^T / sqrt(D)) [R, H, N, T + N] in float32 for the image queries (q, k: [R, H, L, D], text first).
 
     Each query's softmax is independent of the others, so computing only the image queries' rows is exact."""
-    qi = q[:, :, text:].float()
-    logits = qi @ k.float().transpose(-1, -2) * qi.shape[-1] ** -0.5
+    return query_probs(q[:, :, text:], k)
+
+
+def query_probs(qi: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(D)) [R, H, n, L] in float32 for the queries `qi` [R, H, n, D] over all keys k [R, H, L, D]."""
+    logits = qi.float() @ k.float().transpose(-1, -2) * qi.shape[-1] ** -0.5
     return logits.softmax(-1)
+
+
+def captured_slices(q: torch.Tensor, k: torch.Tensor, text: int, want_self: bool,
+                    chunk_bytes: int = CAPTURE_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cross [R, H, N, T], self [R, H, N, N] or None) of the joint softmax, the image queries taken in chunks so at
+    most about `chunk_bytes` of float32 logits exist at once (a capture-only call never holds [R, H, N, T + N])."""
+    rows, heads, length, _ = k.shape
+    step = max(1, chunk_bytes // (rows * heads * length * 4))
+    crosses, selves = [], []
+    for start in range(text, q.shape[2], step):
+        probs = query_probs(q[:, :, start:start + step], k)
+        crosses.append(probs[..., :text])
+        if want_self:
+            selves.append(probs[..., text:])
+    return torch.cat(crosses, 2), torch.cat(selves, 2) if want_self else None
 
 
 def split_joint(probs: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,9 +107,9 @@ def joint_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Jo
 
     q, k, v [R, H, L, D] (after RoPE, as comfy/ldm/flux/math.py hands them to optimized_attention). First, controllers
     with EDITS_JOINT_KV (KV-Edit-style background preservation) may replace keys / values of the joint sequence
-    (`edit_joint_kv(self_call, k, v, text)`, for every query). When no controller edits probabilities and nothing is
-    captured, `host_attention(q, k, v)` runs (bit-identical to the unpatched model when no keys were replaced).
-    Otherwise: the image queries' joint probs are computed, controllers edit the cross slice (calls of kind "cross")
+    (`edit_joint_kv(self_call, k, v, text)`, for every query). When no controller edits probabilities,
+    `host_attention(q, k, v)` gives the output (bit-identical to the unpatched model when no keys were replaced) and
+    captured maps are computed on the side in query chunks (`captured_slices`). Otherwise: the image queries' joint probs are computed, controllers edit the cross slice (calls of kind "cross")
     and the self slice (kind "self") in installation order, the rows are re-normalised when something was edited, the
     slices are recorded (capture), and the image queries' output is P @ V; `text_attention(q_text, k, v)` gives the
     text queries' output. Output editors (EDITS_OUTPUT) are not supported on joint attention (their nodes refuse Flux).
@@ -100,7 +122,13 @@ def joint_dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Jo
                for call in (cross_call, self_call)}
     capture = run is not None and run.capture is not None
     wants = {kind: capture and run.capture.wants(kind, site.level) for kind in ("cross", "self")}
-    if not any(editors.values()) and not any(wants.values()):
+    if not any(editors.values()):
+        if any(wants.values()):  # capture only: the maps on the side, the output is the host kernel's, bit for bit
+            cross, self_ = captured_slices(q, k, layout.text, wants["self"])
+            if wants["cross"]:
+                run.record(cross_call, cross)
+            if wants["self"]:
+                run.record(self_call, self_)
         return host_attention(q, k, v)
     probs = joint_probs(q, k, layout.text)
     for call in (cross_call, self_call):

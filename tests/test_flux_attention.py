@@ -116,12 +116,18 @@ def test_joint_dispatch_without_controllers_runs_the_host_kernel_and_captures_sl
     sentinel = object()
     run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source",))
     assert joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (), None, lambda *a: sentinel) is sentinel
-    run.capture = run_mod.CaptureSpec(cross_levels=frozenset({layers.FLUX_LEVEL}))
-    out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (), lambda qt, k, v: qt.new_zeros(2, 3, 8), None)
-    assert out.shape == (2, 7, 8)
-    cross = joint.joint_probs(q, k, 3)[..., :3]
-    assert torch.allclose(run.mean_map("cross", layers.FLUX_LEVEL), cross[1:].mean(1))  # the cond chunk only
+    run.capture = run_mod.CaptureSpec(cross_levels=frozenset({layers.FLUX_LEVEL}),
+                                      self_levels=frozenset({layers.FLUX_LEVEL}))
+    # capture only: the output is the host kernel's (untouched), the maps are recorded on the side
+    assert joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (), None, lambda *a: sentinel) is sentinel
+    probs = joint.joint_probs(q, k, 3)
+    assert torch.allclose(run.mean_map("cross", layers.FLUX_LEVEL), probs[1:, ..., :3].mean(1))  # the cond chunk only
+    assert torch.allclose(run.mean_map("self", layers.FLUX_LEVEL), probs[1:, ..., 3:].mean(1))
     assert run.grids[("cross", layers.FLUX_LEVEL)] == (2, 2)
+    # query chunks (one image query at a time here) give the same maps
+    cross, self_ = joint.captured_slices(q, k, 3, True, chunk_bytes=1)
+    assert torch.allclose(cross, probs[..., :3]) and torch.allclose(self_, probs[..., 3:])
+    assert joint.captured_slices(q, k, 3, False)[1] is None
 
 
 def test_flux_grid_and_vital_layers():
@@ -401,3 +407,26 @@ def test_cpam_strategies_without_a_flux_form_are_refused(flux, flux_inv):
                        target_prompt=TGT, strategy="remove object")
     assert "`strategy` 'remove object' does not run on Flux" in message
     assert "'replace object' or 'change background'" in message and "Prompt-to-Prompt Attention Hook" in message
+
+
+@pytest.mark.newer_host(NEWER)
+def test_capturing_maps_leaves_the_flux_output_bit_identical(flux):
+    """A capture-only run (no controller) returns exactly the velocity of a run without capture: the maps are computed
+    on the side and the host's kernel gives the attention output."""
+    model, clip = flux
+    cm, run_mod = pkg("inversion.comfy_model"), pkg("attention.run")
+    cond = cm.with_guidance(model, cm.encode_text(clip, SRC), 3.5)
+    sigmas = torch.tensor([1.0, 0.0])
+    x = flux_latent()["samples"]
+
+    def algorithm(den, x):
+        v = den(x, 0.6, velocity=True)
+        return v, den.run.mean_map("cross", 2)
+
+    spec = run_mod.CaptureSpec(cross_levels=frozenset({2}), self_levels=frozenset({2}))
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        plain, none = cm.run_sampler(model, cond, cond, x, sigmas, 1.0, algorithm,
+                                     run_mod.RunState(sigmas, ("source",)))
+        captured, maps = cm.run_sampler(model, cond, cond, x, sigmas, 1.0, algorithm,
+                                        run_mod.RunState(sigmas, ("source",), capture=spec))
+    assert none is None and maps.shape == (1, 64, 256) and torch.equal(plain, captured)
