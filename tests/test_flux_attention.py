@@ -189,6 +189,8 @@ def test_heat_maps_and_mask_from_attention_on_flux(flux):
     assert 0 < float(expect.mean()) <= 1
     with pytest.raises(ValueError, match="the word 'tiger' is not in the source prompt"):
         call_node("AttnEditMaskFromAttention", attention=store, mode="local blend", words="tiger")
+    instant = call_node("AttnEditMaskFromAttention", attention=store, mode="instant", image=image)[1]
+    assert instant.shape == (1, 16, 16) and set(instant.unique().tolist()) <= {0.0, 1.0}  # runs; not validated
 
 
 # ----------------------------------------------------------------------------------------------- Prompt-to-Prompt
