@@ -12,7 +12,8 @@ per slice: a cross-map row sums to the image query's total attention mass on the
 blend divide by their maximum anyway. After controllers edit a slice, each image-query row is divided by its sum so
 it is again a distribution over the joint keys; scaling a key's probability by c and re-normalising equals adding
 log c to its logit, so P2P's re-weighting keeps its meaning, and a row the controllers did not touch is unchanged up
-to rounding. Text queries (P[:T]) are never edited: they run through the host's kernel.
+to rounding. Text queries (P[:T]) are never edited: they run through the host's kernel. A call whose probabilities
+nobody edits (capture only) keeps the host kernel's output bit for bit; its maps are computed on the side.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def captured_slices(q: torch.Tensor, k: torch.Tensor, text: int, want_self: bool
     crosses, selves = [], []
     for start in range(text, q.shape[2], step):
         probs = query_probs(q[:, :, start:start + step], k)
-        crosses.append(probs[..., :text])
+        crosses.append(probs[..., :text].contiguous())  # copies: a view would keep the chunk's logits alive
         if want_self:
-            selves.append(probs[..., text:])
+            selves.append(probs[..., text:].contiguous())
     return torch.cat(crosses, 2), torch.cat(selves, 2) if want_self else None
 
 
