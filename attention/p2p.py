@@ -251,6 +251,8 @@ def blend_tokens(source: PromptTokens, target: PromptTokens, lookup: Callable[[s
             except PromptError:
                 pass
         if not found:
+            hint = (" T5 (Flux) splits a word by its exact spelling: write it with the prompt's case and without glued "
+                    "punctuation." if source.encoder == "t5" else "")
             raise PromptError(f"local blend word {word!r} is in neither prompt (source: {source.readable}; "
-                              f"target: {target.readable}). Use words of the prompts.")
+                              f"target: {target.readable}). Use words of the prompts.{hint}")
     return tuple(sorted(set(src))), tuple(sorted(set(tgt)))

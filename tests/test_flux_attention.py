@@ -338,7 +338,7 @@ def test_t5_words_and_prompt_errors(flux):
     message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt="a photo of a Cat",
                        target_prompt="a photo of a dog", mode="replace", cross_replace=0.8, self_replace=0.4,
                        local_blend="cat")
-    assert "local blend word 'cat' is in neither prompt" in message, message
+    assert "local blend word 'cat' is in neither prompt" in message and "T5 (Flux) splits a word" in message, message
     long = " ".join(["cat"] * 300)
     message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=long,
                        mode="refine", cross_replace=0.8, self_replace=0.4)
