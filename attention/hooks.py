@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import keys
+from .core import merge_heads, split_heads
 from .joint import JointLayout, joint_dispatch
 from .layers import FLUX_DOUBLE, FLUX_LEVEL, FLUX_SINGLE, AttnSite, flux_grid, query_grid
 from .run import AttnCall, BatchLayout, Controller, RunState, dispatch
@@ -53,6 +54,21 @@ def flux_sites(model_patcher) -> list[AttnSite]:
         return []
     return ([AttnSite(FLUX_DOUBLE, i, 0, FLUX_LEVEL) for i in range(len(dit.double_blocks))]
             + [AttnSite(FLUX_SINGLE, j, 0, FLUX_LEVEL) for j in range(len(dit.single_blocks))])
+
+
+def mmdit_sites(model_patcher) -> list[AttnSite]:
+    """Every joint-attention site of an SD3 / SD3.5 MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py): one per joint
+    block, keyed as the host's `patches_replace["dit"][("double_block", i)]` (block "double", index i), at FLUX_LEVEL
+    (patch size 2, as Flux)."""
+    dit = getattr(model_patcher.model, "diffusion_model", None)
+    if dit is None or not hasattr(dit, "joint_blocks"):
+        return []
+    return [AttnSite(FLUX_DOUBLE, i, 0, FLUX_LEVEL) for i in range(len(dit.joint_blocks))]
+
+
+def joint_sites(model_patcher) -> list[AttnSite]:
+    """The joint-attention sites of a Flux or SD3 diffusion model ([] for UNets)."""
+    return flux_sites(model_patcher) or mmdit_sites(model_patcher)
 
 
 def _block_sites(name: str, index: int, block, level: int) -> list[AttnSite]:
@@ -135,7 +151,7 @@ def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None
 
     A site that already carries another pack's replace patch is left alone (logged): we never drop a foreign patch.
     """
-    if sites is None and flux_sites(model_patcher):
+    if sites is None and joint_sites(model_patcher):
         install_joint_dispatch(model_patcher)
         return
     sites = unet_sites(model_patcher) if sites is None else sites
@@ -183,26 +199,39 @@ setattr(FluxBlockSite, keys.DISPATCH_MARK, True)
 
 
 def joint_attention_override(func, *args, **kwargs):
-    """`transformer_options["optimized_attention_override"]` (ComfyUI 0.3.x wrap_attn) of a Flux clone: the joint
-    attention of a block inside our samplers goes through attention.joint.joint_dispatch; every other call (no run, no
-    site, a mask, another layout) runs `func`, the host's kernel, unchanged."""
+    """`transformer_options["optimized_attention_override"]` (ComfyUI 0.3.x wrap_attn) of a Flux or SD3 clone: the
+    joint attention of a block inside our samplers goes through attention.joint.joint_dispatch; every other call (no
+    run, no site, a mask, another layout, SD3.5's image-only second attention) runs `func`, the host's kernel, unchanged.
+
+    Flux hands q, k, v as [B, H, L, D] with skip_reshape and `heads` positional (comfy/ldm/flux/math.py); SD3's MMDiT
+    as [B, L, H*D] with `heads=` by keyword (mmdit.py _block_mixing): the latter are split into heads for the pack and
+    merged again for the host's kernel."""
     options = kwargs.get("transformer_options") or {}
     run = options.get(keys.RUN)
     site = options.get(keys.SITE)
     layout: JointLayout | None = options.get(keys.JOINT_LAYOUT)
-    if run is None or site is None or layout is None or len(args) < 4 or not kwargs.get("skip_reshape") \
+    heads = args[3] if len(args) >= 4 else kwargs.get("heads")
+    if run is None or site is None or layout is None or len(args) < 3 or heads is None \
             or kwargs.get("mask") is not None or kwargs.get("skip_output_reshape"):
         return func(*args, **kwargs)
-    q, k, v, heads = args[:4]
-    if q.ndim != 4 or not layout.fits(q.shape[2]):
+    q, k, v = args[:3]
+    merged = not kwargs.get("skip_reshape")  # SD3: [B, L, H*D]
+    if q.ndim != (3 if merged else 4) or not layout.fits(q.shape[1 if merged else 2]):
         log.debug("Attention Edit: joint attention of %s tokens does not match %s; host kernel", q.shape, layout)
         return func(*args, **kwargs)
+    if merged:
+        q, k, v = (split_heads(t, int(heads)) for t in (q, k, v))
+    head_args = tuple(args[3:])
+
+    def host(q_, k_, v_):
+        if merged:
+            q_, k_, v_ = merge_heads(q_), merge_heads(k_), merge_heads(v_)
+        return func(q_, k_, v_, *head_args, **kwargs)
+
     batch = BatchLayout.from_call(q.shape[0], options.get("cond_or_uncond", [0]))
     sigma = run.sigma if run.sigma is not None else float(options["sigmas"][0]) if "sigmas" in options else 0.0
     attn_site = AttnSite(site[0], int(site[1]), 0, FLUX_LEVEL)
-    return joint_dispatch(q, k, v, layout, attn_site, batch, run, sigma, options.get(keys.CONTROLLERS, ()),
-                          lambda q_text, k_, v_: func(q_text, k_, v_, heads, *args[4:], **kwargs),
-                          lambda q_, k_, v_: func(q_, k_, v_, heads, *args[4:], **kwargs))
+    return joint_dispatch(q, k, v, layout, attn_site, batch, run, sigma, options.get(keys.CONTROLLERS, ()), host, host)
 
 
 def install_joint_dispatch(model_patcher) -> None:
@@ -211,7 +240,7 @@ def install_joint_dispatch(model_patcher) -> None:
     another node installed is left alone (logged)."""
     options = model_patcher.model_options.setdefault("transformer_options", {})
     dit = options.get("patches_replace", {}).get("dit", {})
-    for site in flux_sites(model_patcher):
+    for site in joint_sites(model_patcher):
         name = f"{site.block}_block"
         current = dit.get((name, site.index))
         if current is not None and not getattr(current, keys.DISPATCH_MARK, False):
@@ -234,8 +263,8 @@ def joint_layout(c: dict, latent: torch.Tensor) -> JointLayout:
 
 
 def is_joint(model_patcher) -> bool:
-    """True for a model whose attention sites are joint (Flux)."""
-    return bool(flux_sites(model_patcher))
+    """True for a model whose attention sites are joint (Flux, SD3)."""
+    return bool(joint_sites(model_patcher))
 
 
 def add_controller(model, controller: Controller):
@@ -400,6 +429,7 @@ def _velocity_call(prev, apply_model, args):
     kind = ext.WrappersMP.DIFFUSION_MODEL
     wrappers[kind] = {keys.VELOCITY: [attnedit_velocity], **wrappers.get(kind, {})}  # first = outermost
     options["wrappers"] = wrappers
+    options[keys.VELOCITY_BOX] = box  # SD3's MMDiT runs no DIFFUSION_MODEL wrappers: its forward tap fills the box
     _call_inner(prev, apply_model, dict(args, c=dict(c, transformer_options=options)))
     if "v" not in box:
         raise VelocityUnavailableError("the diffusion model's output could not be read (no DIFFUSION_MODEL wrapper "
@@ -472,8 +502,40 @@ def _partial_call(prev, apply_model, args, c, labels, keep, per_chunk, run):
     return torch.cat(pieces)
 
 
+@dataclass(frozen=True)
+class VelocityTap:
+    """Object patch of an SD3 clone's `diffusion_model.forward` (ModelPatcher.add_object_patch, as core's
+    ModelSamplingSD3 patches model_sampling): runs the forward it wraps unchanged and, on a velocity read
+    (_velocity_call put keys.VELOCITY_BOX in this call's transformer_options), keeps its raw output there. MMDiT runs
+    no DIFFUSION_MODEL wrappers, and CONST's denoised = x - sigma v loses v at sigma 0."""
+
+    forward: object
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        box = (kwargs.get("transformer_options") or {}).get(keys.VELOCITY_BOX)
+        if box is not None:
+            box["v"] = out
+        return out
+
+
+def install_velocity_tap(model_patcher) -> None:
+    """On an SD3 clone (MMDiT), wrap whatever `diffusion_model.forward` it has (a stand-in object patch included)
+    in a VelocityTap; other models read the velocity through a DIFFUSION_MODEL wrapper and are left alone."""
+    if not mmdit_sites(model_patcher):
+        return
+    current = model_patcher.get_model_object("diffusion_model.forward")
+    if not isinstance(current, VelocityTap):
+        model_patcher.add_object_patch("diffusion_model.forward", VelocityTap(current))
+
+
 def install_unet_wrapper(model_patcher) -> None:
-    """Install our wrapper on a clone, chaining whatever unet function wrapper it already had."""
+    """Install our wrapper on a clone, chaining whatever unet function wrapper it already had (and, on SD3, the
+    velocity tap)."""
+    install_velocity_tap(model_patcher)
     prev = model_patcher.model_options.get("model_function_wrapper")
     if prev is not None and getattr(prev, "__name__", "") == "attnedit_unet_wrapper":
         return

@@ -15,6 +15,7 @@ CONTEXT_EXTRA = "attnedit_context_extra"  # per block call: ((name, tokens), ...
 BOUND_INVERSIONS = "attnedit_bound_inversions"  # ((node, key, description), ...): patches made for one inversion
 DISPATCHED_SITES = "attnedit_dispatched_sites"  # frozenset of attn2 site keys routed through our dispatcher
 VELOCITY = "attnedit_velocity"  # DIFFUSION_MODEL wrapper key reading a flow model's raw velocity (hooks.py)
+VELOCITY_BOX = "attnedit_velocity_box"  # per velocity read (SD3): dict the MMDiT forward tap puts the raw output in
 JOINT = "attnedit_joint"  # set on a Flux clone whose joint attention goes through our override (hooks.py)
 SITE = "attnedit_site"  # per block call (Flux): (block, index) of the block whose attention runs (patches_replace dit)
 JOINT_LAYOUT = "attnedit_joint_layout"  # per model call (Flux): JointLayout (text tokens, image grid)

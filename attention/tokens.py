@@ -105,8 +105,13 @@ def split_words(spec: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- CLIP (duck-typed)
 def _t5_tokenizer(clip):
-    """Flux's T5 sub-tokenizer (ComfyUI FluxTokenizer.t5xxl), or None for CLIP-only text encoders."""
-    return getattr(clip.tokenizer, "t5xxl", None) if hasattr(clip.tokenizer, "clip_l") else None
+    """Flux's T5 sub-tokenizer (ComfyUI FluxTokenizer.t5xxl), or None for CLIP-only text encoders and for SD3's
+    SD3Tokenizer (clip_l, clip_g and t5xxl: its context starts with the 77 clip_l / clip_g tokens, whose positions
+    are the CLIP ones, so SD3 prompts are tokenised as CLIP prompts; docs/flux.md, SD3)."""
+    tok = clip.tokenizer
+    if not hasattr(tok, "clip_l") or hasattr(tok, "clip_g"):
+        return None
+    return getattr(tok, "t5xxl", None)
 
 
 def _sub_tokenizer(clip):

@@ -24,9 +24,10 @@ from ..attention.run import RunState
 log = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")  # UNet families: every technique
-FLOW_FAMILIES = ("flux",)  # rectified-flow DiT families: inversion, edit sampler, P2P, attention maps (docs/flux.md)
+# rectified-flow DiT families: inversion, edit sampler, P2P, attention maps (docs/flux.md; SD3 / SD3.5: its section)
+FLOW_FAMILIES = ("flux", "sd3")
 INVERTIBLE_FAMILIES = SUPPORTED_FAMILIES + FLOW_FAMILIES
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3 / SD3.5"}
 # The sampler maths a family needs, from ComfyUI's model_sampling class (comfy/model_sampling.py): EPS (eps
 # prediction), V_PREDICTION (v prediction) -- both run DDIM on the implied eps -- or CONST (rectified flow: the model
 # predicts the velocity v, x_sigma = (1 - sigma) x0 + sigma noise, denoised = x - sigma v).
@@ -94,13 +95,13 @@ class Progress:
 
 # ------------------------------------------------------------------------------------------------ model facts
 def model_family(model) -> str:
-    """"sd1", "sd2", "sdxl", "flux" (ComfyUI 0.3.x: Flux-dev, Schnell, Fill and their subclasses) or the host's config
-    class name (e.g. "SD3") for other models."""
+    """"sd1", "sd2", "sdxl", "flux" (ComfyUI 0.3.x: Flux-dev, Schnell, Fill and their subclasses), "sd3" (ComfyUI 0.3.x
+    SD3 config: SD3 medium, SD3.5 medium / large / large turbo) or the host's config class name for other models."""
     import comfy.supported_models as sm
 
     config = getattr(model.model, "model_config", None)
     for family, classes in (("sdxl", ("SDXL", "SDXLRefiner")), ("sd2", ("SD20",)), ("sd1", ("SD15",)),
-                            ("flux", ("Flux",))):
+                            ("flux", ("Flux",)), ("sd3", ("SD3",))):
         for name in classes:
             cls = getattr(sm, name, None)
             if cls is not None and isinstance(config, cls):
@@ -212,7 +213,8 @@ def check_latent_size(model, height: int, width: int, what: str, scale: int = 8)
 def context_width(model) -> int | None:
     """Width E of the cross-attention context the UNet takes (768 SD1.x, 1024 SD2.x, 2048 SDXL); None if unknown."""
     config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
-    width = config.get("context_dim") or config.get("context_in_dim")  # UNets / Flux (T5 width)
+    embedder = (config.get("context_embedder_config") or {}).get("params", {})  # SD3's MMDiT: Linear(4096, hidden)
+    width = config.get("context_dim") or config.get("context_in_dim") or embedder.get("in_features")
     if width:
         return int(width)
     crosses = [m for m in model.model.modules() if type(m).__name__ == "CrossAttention" and hasattr(m, "to_k")

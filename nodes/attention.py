@@ -83,12 +83,16 @@ class AttnEditAttentionHook:
         family = comfy_model.require_family(model, HOOK, comfy_model.INVERTIBLE_FAMILIES)
         src, tgt = tokenize_prompt(clip, source_prompt), tokenize_prompt(clip, target_prompt)
         extra = {}
-        if family in comfy_model.FLOW_FAMILIES:
+        if family == "flux":
             _check_t5_prompts(src, tgt)
             extra["flux_self_sites"] = None if all_layers else _flux_vital_sites(model)
+        elif family == "sd3":  # no published vital layers for SD3: self injection in every joint block (docs/flux.md)
+            extra["flux_self_sites"] = None
         lookup = lambda word: word_token_ids(clip, word)  # noqa: E731
         target = comfy_model.encode_text(clip, target_prompt)
         check_text_encoder(HOOK, model, target, "`clip`")
+        if family == "sd3":
+            _check_sd3_context(src, tgt, target)
         controller = p2p.build_controller(
             src, tgt, lookup, mode, cross_replace, self_replace, parse_word_values(reweight, "reweight"),
             parse_word_values(cross_replace_words, "cross_replace_words"), 1 if all_layers else p2p.SELF_MIN_LEVEL,
@@ -110,6 +114,22 @@ def _check_t5_prompts(src, tgt) -> None:
             raise AttnEditError(HOOK, f"`{name}` has {tokens.last_word_position() + 2} T5 tokens (with the end token); "
                                       f"Flux's T5 sequence holds {tokens.length}. Shorten the prompt to at most "
                                       f"{tokens.length - 1} T5 tokens.")
+
+
+def _check_sd3_context(src, tgt, target) -> None:
+    """SD3: the words are mapped in the 77 clip_l / clip_g tokens, which must be the whole text context (no T5 part
+    after them, one CLIP chunk), or the maps' columns would not be the prompt's tokens."""
+    for name, tokens in (("source_prompt", src), ("target_prompt", tgt)):
+        if tokens.overlong:
+            raise AttnEditError(HOOK, f"`{name}` has {tokens.last_word_position() + 2} CLIP tokens (with start and "
+                                      f"end); on SD3 both prompts must fit one {tokens.length}-token CLIP chunk. "
+                                      f"Shorten the prompt to at most {tokens.length - 2} CLIP tokens.")
+    length = int(target[0][0].shape[1])
+    if length != tgt.length:
+        raise AttnEditError(HOOK, f"the SD3 text encoder gives a {length}-token context; Prompt-to-Prompt on SD3 maps "
+                                  f"words in the {tgt.length} clip_l / clip_g tokens only (a T5 part after them is "
+                                  "not supported yet). Load the text encoders without T5 (DualCLIPLoader, type "
+                                  "'sd3': clip_l + clip_g) for this node.")
 
 
 def _flux_vital_sites(model):

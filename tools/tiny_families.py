@@ -359,3 +359,112 @@ def constant_velocity_patch(model, v: torch.Tensor):
     """A clone of a flow `model` whose velocity is the constant `v` (broadcast to the latent): x_sigma = x0 + sigma v
     is then an exact solution of the flow ODE, so Euler and RF-Solver round trips are exact."""
     return flow_patch(model, lambda x, t, g: v.to(x).expand_as(x).clone())
+
+
+# ------------------------------------------------------------------------------------------------ tiny SD3 / SD3.5
+# comfy.ldm.modules.diffusionmodules.mmdit.MMDiT (OpenAISignatureMMDITWrapper) at toy size. MMDiT derives its widths
+# from `depth` (hidden 64 * depth, `depth` heads of 64): depth 2 gives 2 joint blocks, hidden 128. The real SD3-medium
+# has depth 24, SD3.5-large 38 with RMS QK-norm (qk_norm "rms", as here). The context is the real 4096-wide one:
+# ComfyUI's SD3ClipModel pads the clip_l + clip_g hidden states to 4096 (comfy/text_encoders/sd3_clip.py), and the
+# context embedder is Linear(4096, hidden). Text encoders: tiny clip_l and clip_g with the real tokenizers and no T5
+# (a real SD3 configuration: DualCLIPLoader type "sd3"), so the context is the 77 CLIP tokens.
+SD3_POS_EMBED_MAX = 32  # pos_embed_max_size: latents up to 64x64 cells (patch 2)
+SD3_HIDDEN = 64 * 2
+TINY_SD3_DIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": L_DIM + G_DIM,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                        "out_features": SD3_HIDDEN}},
+    "pos_embed_max_size": SD3_POS_EMBED_MAX, "num_patches": SD3_POS_EMBED_MAX**2, "pos_embed_scaling_factor": None,
+    "qk_norm": "rms", "x_block_self_attn_layers": [], "mlp_ratio": 2.0,
+}
+
+
+def _sd3_classes():
+    """(config class, model class) of the tiny SD3; only ComfyUI 0.3.x has SD3."""
+    import comfy.model_base
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    if not hasattr(comfy.supported_models, "SD3"):
+        raise RuntimeError("this ComfyUI host (2024-03) has no SD3 classes: the tiny SD3 needs ComfyUI 0.3.x "
+                           "(e.g. COMFYUI_PATH=../shared/hosts/comfyui-0.3.64)")
+    import comfy.text_encoders.sd3_clip
+
+    class TinySD3ClipModel(comfy.text_encoders.sd3_clip.SD3ClipModel):
+        """SD3ClipModel (clip_l + clip_g hidden states concatenated and padded to 4096, pooled l + g) with tiny
+        encoders and no T5."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            torch.nn.Module.__init__(self)
+            common = dict(device=device, dtype=dtype, layer="hidden", layer_idx=-2, layer_norm_hidden_state=False,
+                          model_options=model_options or {})
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                textmodel_json_config=_config_file("l", hidden_size=L_DIM, projection_dim=L_DIM),
+                return_projected_pooled=False, **common)
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                textmodel_json_config=_config_file("g", hidden_size=G_DIM, projection_dim=G_DIM),
+                special_tokens={"start": 49406, "end": 49407, "pad": 0}, return_projected_pooled=True, **common)
+            self.t5xxl = None
+            self.t5_attention_mask = False
+            self.dtypes = {dtype}
+
+    class TinySD3(comfy.supported_models.SD3):
+        """SD3 family (subclass: family checks see SD3; CONST sampling with shift 3) at toy widths."""
+
+        def clip_target(self, state_dict=None):
+            return comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                                                          TinySD3ClipModel)
+
+    return TinySD3, comfy.model_base.SD3
+
+
+def make_sd3(seed: int = 0, qk_scale: float | None = 1.0):
+    """(MODEL, CLIP) of a tiny SD3.5-shaped model (rectified flow, CONST sampling, no guidance embedding, real CFG).
+
+    As for make_flux, the seeded init zeroes 1-d parameters, so the RMS QK-norm weights would be 0 (q = k = 0:
+    uniform attention); `qk_scale` sets them (1.0: the RMSNorm identity). The positional-embedding buffer, which
+    ComfyUI leaves uninitialised, gets seeded values."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    config_cls, model_cls = _sd3_classes()
+    cfg = config_cls(dict(TINY_SD3_DIT))
+    cfg.unet_config["dtype"] = torch.float32
+    with torch.inference_mode():
+        model = model_cls(cfg, device=mm.unet_offload_device())
+        init_weights(model, seed)
+        dit = model.diffusion_model
+        gen = torch.Generator().manual_seed(seed + 7)
+        dit.pos_embed.copy_(torch.randn(dit.pos_embed.shape, generator=gen) * 0.1)
+        for module in model.modules():
+            if qk_scale is not None and type(module).__name__ == "SelfAttention" and hasattr(module, "ln_q"):
+                for norm in (module.ln_q, module.ln_k):
+                    if getattr(norm, "weight", None) is not None:
+                        norm.weight.fill_(qk_scale)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(cfg.clip_target())
+        init_weights(clip.cond_stage_model, seed + 1)
+    return patcher, clip
+
+
+class SD3StandIn:
+    """Stand-in MMDiT forward whose raw output is `velocity(x, timestep)` (a velocity in CONST space); installed with
+    add_object_patch("diffusion_model.forward", ...) (MMDiT has no inner _forward); BaseModel._apply_model still
+    applies CONST calculate_input / calculate_denoised."""
+
+    def __init__(self, velocity):
+        self.velocity = velocity
+
+    def __call__(self, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
+        return self.velocity(x, timesteps, None)
+
+
+def sd3_constant_velocity_patch(model, v: torch.Tensor):
+    """A clone of a tiny SD3 whose velocity is the constant `v` (see constant_velocity_patch)."""
+    m = model.clone()
+    m.add_object_patch("diffusion_model.forward", SD3StandIn(lambda x, t, g: v.to(x).expand_as(x).clone()))
+    return m
