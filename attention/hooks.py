@@ -219,8 +219,8 @@ def joint_attention_override(func, *args, **kwargs):
     if q.ndim != (3 if merged else 4) or not layout.fits(q.shape[1 if merged else 2]):
         log.debug("Attention Edit: joint attention of %s tokens does not match %s; host kernel", q.shape, layout)
         return func(*args, **kwargs)
-    if merged:
-        q, k, v = (split_heads(t, int(heads)) for t in (q, k, v))
+    if merged:  # MMDiT's v arrives as [B, L, H, D] (split_qkv), q and k as [B, L, H*D]
+        q, k, v = (split_heads(t.reshape(t.shape[0], t.shape[1], -1), int(heads)) for t in (q, k, v))
     head_args = tuple(args[3:])
 
     def host(q_, k_, v_):

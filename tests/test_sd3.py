@@ -43,8 +43,8 @@ def hook(model, clip, source=SRC, target=TGT, mode="replace", cross=0.8, self_=0
 
 
 def edit(model, inv, **inputs):
-    inputs.setdefault("target", None)
-    return call_node("AttnEditEditSampler", model=model, inversion=inv, **inputs)
+    edited, source, store = call_node("AttnEditEditSampler", model=model, inversion=inv, **inputs)
+    return edited["samples"], source["samples"], store
 
 
 # ----------------------------------------------------------------------------------------------- the tiny SD3
@@ -102,4 +102,189 @@ def test_roundtrip_is_exact_with_a_constant_velocity(sd3, method, cfg):
     for i, sigma in enumerate(sigmas.tolist()):
         assert torch.allclose(inv.latents[i, 0], x0[0] + sigma * v[0], atol=1e-5), i
     _edited, source, _ = edit(const, inv, target=inv.source)
-    assert torch.allclose(source["samples"], latent["samples"], atol=1e-5)
+    assert torch.allclose(source, latent["samples"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- joint attention
+@pytest.mark.newer_host(NEWER)
+def test_routing_is_exact_without_controllers_and_captures_clip_positions(sd3):
+    """The override and the dit patches on a plain run change nothing (host kernel, bit for bit), the input MODEL
+    gets none, and the captured maps are the image queries' joint softmax over the 77 CLIP tokens at the 8x8 grid."""
+    model, clip = sd3
+    before = repr(model.model_options)
+    first = invert(model, clip, steps=3)
+    assert repr(model.model_options) == before and "optimized_attention_override" not in before
+    hooks = pkg("attention.hooks")
+    clone = model.clone()
+    hooks.install_dispatch(clone)
+    options = clone.model_options["transformer_options"]
+    assert options["optimized_attention_override"] is hooks.joint_attention_override
+    assert sorted(options["patches_replace"]["dit"]) == [("double_block", 0), ("double_block", 1)]
+    second = invert(model, clip, steps=3)
+    assert torch.equal(first[0].latents, second[0].latents)
+    inv, store = first[0], first[5]
+    assert store.semantic_level == 2 and store.cross_map().shape == (1, 8, 8, 77)
+    tokens = inv.source_tokens
+    assert tokens.encoder == "clip" and tokens.length == 77
+    assert [g[1] for g in tokens.word_groups()] == ["a", "photo", "of", "a", "cat"]
+    assert tokens.find_text("cat") == [5]  # CLIP positions: start token at 0
+    maps = store.cross_map()[0]
+    assert torch.isfinite(maps).all() and float(maps.sum(-1).max()) < 1.0 + 1e-5 and float(maps[..., 5].sum()) > 0
+
+
+@pytest.mark.newer_host(NEWER)
+def test_capturing_maps_leaves_the_sd3_output_bit_identical(sd3):
+    model, clip = sd3
+    cm, run_mod = pkg("inversion.comfy_model"), pkg("attention.run")
+    cond = cm.encode_text(clip, SRC)
+    sigmas = torch.tensor([1.0, 0.0])
+    x = sd3_latent()["samples"]
+
+    def algorithm(den, x):
+        return den(x, 0.6, velocity=True), den.run.mean_map("cross", 2)
+
+    spec = run_mod.CaptureSpec(cross_levels=frozenset({2}), self_levels=frozenset({2}))
+    with torch.inference_mode():
+        plain, none = cm.run_sampler(model, cond, cond, x, sigmas, 1.0, algorithm,
+                                     run_mod.RunState(sigmas, ("source",)))
+        captured, maps = cm.run_sampler(model, cond, cond, x, sigmas, 1.0, algorithm,
+                                        run_mod.RunState(sigmas, ("source",), capture=spec))
+    assert none is None and maps.shape == (1, 64, 77) and torch.equal(plain, captured)
+
+
+@pytest.fixture(scope="module")
+def sd3_inv(sd3):
+    model, clip = sd3
+    return invert(model, clip, steps=4)[0]
+
+
+@pytest.mark.newer_host(NEWER)
+@pytest.mark.parametrize("mode", ["replace", "refine"])
+def test_same_prompt_edit_reproduces_the_source(sd3, sd3_inv, mode):
+    model, clip = sd3
+    patched, _target = hook(model, clip, target=SRC, mode=mode)
+    edited, source, _store = edit(patched, sd3_inv)
+    assert torch.allclose(edited, source, atol=1e-5), float((edited - source).abs().max())
+    recon = edit(model, sd3_inv, target=sd3_inv.source)[1]
+    assert torch.allclose(source, recon, atol=1e-4)
+
+
+@pytest.mark.newer_host(NEWER)
+def test_word_swap_acts_on_sd3(sd3, sd3_inv):
+    model, clip = sd3
+    plain = edit(model, sd3_inv, target=pkg("inversion.comfy_model").encode_text(clip, TGT))[0]
+    patched, _t = hook(model, clip)
+    edited, _source, store = edit(patched, sd3_inv)
+    assert torch.isfinite(edited).all() and float((edited - plain).abs().max()) > 1e-3
+    assert store.cross_map().shape == (2, 8, 8, 77) and store.roles == ("source", "target")
+
+
+@pytest.mark.newer_host(NEWER)
+def test_local_blend_keeps_the_source_outside_the_mask(sd3, sd3_inv):
+    model, clip = sd3
+    p2p = pkg("attention.p2p")
+    patched, _t = hook(model, clip, local_blend="cat, dog", blend_threshold=BLEND, blend_start=0.0)
+    edited, source, store = edit(patched, sd3_inv)
+    src_tok, tgt_tok = store.prompts[0].find_text("cat"), store.prompts[1].find_text("dog")
+    maps = store.cross_map().reshape(2, 64, 77)
+    masks = p2p.local_blend_mask(maps, [src_tok, tgt_tok], (16, 16), (8, 8), BLEND, 1)
+    mask = torch.maximum(masks[0], masks[1])[0]
+    outside = mask == 0
+    assert 0 < int(outside.sum()) < 256, float(mask.mean())
+    assert torch.equal(edited[0][:, outside], source[0][:, outside])
+    assert float((edited[0][:, ~outside] - source[0][:, ~outside]).abs().max()) > 1e-4
+
+
+@pytest.mark.newer_host(NEWER)
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_batch_layout_and_sites_seen_by_controllers(sd3, cfg):
+    """cfg 1: one cond chunk; cfg > 1 (SD3's real CFG): two chunks. Every joint block reaches the controllers as one
+    cross (77 CLIP tokens) and one self call, with its site, the step and the 8x8 grid."""
+    model, clip = sd3
+    run_mod, hooks = pkg("attention.run"), pkg("attention.hooks")
+    inv = invert(model, clip, steps=2, cfg=cfg)[0]
+    seen = []
+
+    class Recorder(run_mod.Controller):
+        EDITS_PROBS = True
+
+        def __deepcopy__(self, memo):
+            return self
+
+        def active(self, call):
+            return call.run is not None and len(call.run.roles) == 2
+
+        def edit_probs(self, call, probs):
+            seen.append((call.kind, call.site.block, call.site.index, call.layout.labels, call.grid,
+                         tuple(probs.shape), call.step))
+            return probs
+
+    patched = hooks.add_controller(model, Recorder())
+    edit(patched, inv, target=inv.source)
+    labels = {s[3] for s in seen}
+    assert labels == {(0,)} if cfg == 1.0 else labels in ({(1, 0)}, {(0, 1)})
+    rows = 2 * len(next(iter(labels)))
+    assert {(s[0], s[1], s[2]) for s in seen} == {(k, "double", i) for k in ("cross", "self") for i in (0, 1)}
+    assert {s[4] for s in seen} == {(8, 8)} and {s[6] for s in seen} == {0, 1}
+    assert {s[5] for s in seen} == {(rows, 2, 64, 77), (rows, 2, 64, 64)}
+
+
+@pytest.mark.newer_host(NEWER)
+def test_no_leakage_into_the_next_run(sd3, sd3_inv):
+    model, clip = sd3
+    before = repr(model.model_options)
+    patched, _t = hook(model, clip, local_blend="cat, dog")
+    first = edit(patched, sd3_inv)[0]
+    plain = edit(model, sd3_inv, target=sd3_inv.source)[0]
+    assert torch.equal(edit(patched, sd3_inv)[0], first)
+    assert torch.equal(edit(model, sd3_inv, target=sd3_inv.source)[0], plain)
+    assert repr(model.model_options) == before
+
+
+@pytest.mark.newer_host(NEWER)
+def test_interrupted_sd3_edit_leaves_the_next_run_clean(sd3, sd3_inv, monkeypatch):
+    import comfy.model_management as mm
+
+    model, clip = sd3
+    patched, _t = hook(model, clip, local_blend="cat, dog")
+    fresh = edit(patched, sd3_inv)[0]
+    progress = pkg("inversion.comfy_model").Progress
+    original = progress.update
+    seen = []
+
+    def stop(self, units=1, x0=None):
+        seen.append(units)
+        if len(seen) == 2:
+            mm.interrupt_current_processing(True)
+        return original(self, units, x0)
+
+    monkeypatch.setattr(progress, "update", stop)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            edit(patched, sd3_inv)
+    finally:
+        mm.interrupt_current_processing(False)
+        monkeypatch.setattr(progress, "update", original)
+    assert len(seen) == 2 and torch.equal(edit(patched, sd3_inv)[0], fresh)
+
+
+@pytest.mark.newer_host(NEWER)
+def test_words_map_to_clip_positions_and_prompt_errors(sd3):
+    """SD3 prompts are tokenised with CLIP (the context's first 77 tokens), not T5 (whose positions would have no start
+    token and "sunflower," as one word): CLIP positions count the start token; a missing word is a clear PromptError; an overlong prompt is refused."""
+    model, clip = sd3
+    tokens_mod = pkg("attention.tokens")
+    tokens = tokens_mod.tokenize_prompt(clip, "a sunflower, in Paris")
+    assert tokens.encoder == "clip" and tokens.length == 77
+    assert [g[1] for g in tokens.word_groups()][:2] == ["a", "sunflower"]
+    ids = tokens_mod.word_token_ids(clip, "sunflower")
+    assert tokens.find(ids, "sunflower") == [2] and tokens.find_text("paris") == [5]  # start token at 0, "," at 3
+    with pytest.raises(tokens_mod.PromptError, match="the word 'tiger' is not in the prompt"):
+        tokens.find(tokens_mod.word_token_ids(clip, "tiger"), "tiger")
+    message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=TGT,
+                       mode="replace", cross_replace=0.8, self_replace=0.4, local_blend="tiger")
+    assert "tiger" in message and "neither prompt" in message, message
+    long = " ".join(["cat"] * 100)
+    message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=long,
+                       mode="refine", cross_replace=0.8, self_replace=0.4)
+    assert "`target_prompt` has" in message and "one 77-token CLIP chunk" in message and "Shorten" in message
