@@ -288,3 +288,51 @@ def test_words_map_to_clip_positions_and_prompt_errors(sd3):
     message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=long,
                        mode="refine", cross_replace=0.8, self_replace=0.4)
     assert "`target_prompt` has" in message and "one 77-token CLIP chunk" in message and "Shorten" in message
+
+
+@pytest.mark.newer_host(NEWER)
+def test_a_t5_part_in_the_sd3_context_is_refused(sd3):
+    """With T5 the SD3 context is 77 CLIP tokens followed by T5's: P2P maps words in the CLIP part only, so such a
+    context is refused by name (a 154-token conditioning stands in for clip_l + clip_g + T5)."""
+    _model, clip = sd3
+    tokens = pkg("attention.tokens").tokenize_prompt(clip, SRC)
+    check = pkg("nodes.attention")._check_sd3_context
+    check(tokens, tokens, [[torch.zeros(1, 77, 4096), {}]])
+    with pytest.raises(ValueError) as info:
+        check(tokens, tokens, [[torch.zeros(1, 154, 4096), {}]])
+    message = str(info.value)
+    assert "154-token context" in message and "clip_l / clip_g tokens only" in message
+    assert "DualCLIPLoader" in message
+
+
+# ----------------------------------------------------------------------------------------------- CPAM (KV-Edit form)
+@pytest.mark.newer_host(NEWER)
+def test_cpam_on_sd3_preserves_the_background_bit_for_bit(sd3, sd3_inv):
+    """CPAM 'replace object' runs the Flux background-preservation path (attention/kvedit.py) unchanged on SD3's
+    joint blocks: outside the mask the edit equals the pinned source exactly; inside it differs."""
+    model, clip = sd3
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:88] = 1.0
+    patched, _target = call_node("AttnEditCPAMSelfAttn", model=model, inversion=sd3_inv, clip=clip, source_mask=mask,
+                                 target_prompt=TGT, strategy="replace object", mask_expand=0.0)
+    edited, source, _store = edit(patched, sd3_inv, source_branch="pin to inversion")
+    cm = pkg("inversion.comfy_model")
+    assert torch.equal(source, cm.latent_to_raw(model, sd3_inv.latents[-1]))
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:12, 5:11] = True
+    assert torch.equal(edited[0][:, ~inside], source[0][:, ~inside])
+    assert float((edited[0][:, inside] - source[0][:, inside]).abs().max()) > 1e-3
+    blend_only = pkg("attention.hooks").add_step_hook(model, pkg("attention.kvedit").BackgroundLatentBlend(
+        patched.model_options["transformer_options"]["attnedit_controllers"][0].masks))
+    other = edit(blend_only, sd3_inv, target=cm.encode_text(clip, TGT), source_branch="pin to inversion")[0]
+    assert float((edited[0][:, inside] - other[0][:, inside]).abs().max()) > 1e-3  # the source's keys / values act
+
+
+@pytest.mark.newer_host(NEWER)
+def test_p2p_self_injection_runs_in_every_sd3_joint_block(sd3):
+    """No published vital layers for SD3: the hook injects self-attention in every joint block (flux_self_sites
+    None), while on Flux it keeps Stable Flow's vital layers unless self_replace_all_layers is set."""
+    model, clip = sd3
+    patched, _t = hook(model, clip)
+    controller = patched.model_options["transformer_options"]["attnedit_controllers"][-1]
+    assert controller.flux_self_sites is None
