@@ -124,7 +124,7 @@ def require_family(model, technique: str, families: tuple[str, ...] = SUPPORTED_
             f"{technique} supports {', '.join(FAMILY_NAMES.get(f, f) for f in unets)} UNet models{also}; the "
             f"connected MODEL is {FAMILY_NAMES.get(family, family)}. Load {load} for this node"
             + ("." if flows or family not in FLOW_FAMILIES else
-               " (on Flux the pack does inversion, the edit sampler, Prompt-to-Prompt, attention maps and CPAM's "
+               f" (on {FAMILY_NAMES[family]} the pack does inversion, the edit sampler, Prompt-to-Prompt, attention maps and CPAM's "
                "background preservation so far, see docs/flux.md)."))
     return family
 

@@ -169,17 +169,19 @@ FLUX_UNUSED = ("object_words", "background_prompt", "start_step", "start_layer",
 
 
 def _patch_flux(model, inversion, clip, source_mask, target_prompt, spec: cpam.Strategy, knobs: dict):
-    """Flux: CPAM's background preservation only, as KV-Edit does it on joint attention (attention/kvedit.py): the
+    """Flux and SD3 (joint attention): CPAM's background preservation only, as KV-Edit does it on joint attention (attention/kvedit.py): the
     target's image keys / values and latents outside the editable mask come from the pinned source."""
+    family = comfy_model.FAMILY_NAMES.get(comfy_model.model_family(model), "Flux")  # Flux or SD3 / SD3.5
     if spec.name not in FLUX_STRATEGIES:
-        raise AttnEditError(NODE, f"`strategy` {spec.name!r} does not run on Flux; on Flux this node preserves the "
+        raise AttnEditError(NODE, f"`strategy` {spec.name!r} does not run on {family}; on {family} this node "
+                                  "preserves the "
                                   f"background outside the mask (KV-Edit style): choose "
                                   f"{' or '.join(repr(s) for s in FLUX_STRATEGIES)}, or use the Prompt-to-Prompt "
                                   "Attention Hook (word swap with local blend) for other edits.")
     defaults = _defaults()
     changed = [name for name in FLUX_UNUSED if knobs[name] != defaults[name]]
     if changed:
-        warn(NODE, f"{', '.join(f'`{n}`' for n in changed)} are not used on Flux (only the mask, `mask_expand` and "
+        warn(NODE, f"{', '.join(f'`{n}`' for n in changed)} are not used on {family} (only the mask, `mask_expand` and "
                    "the strategy are: KV-Edit-style background preservation); leave them at their defaults.")
     _source, editable = _masks(source_mask, inversion, spec, knobs["mask_expand"])
     device = comfy_model.intermediate_device()

@@ -289,11 +289,11 @@ FLUX_INPUTS = {
 }
 
 
-class SD3:  # a config class of a non-UNet family no node of this pack handles
+class AuraFlow:  # a config class of a non-UNet family no node of this pack handles (SD3 is handled since sd3)
     pass
 
 
-# the nodes that also take Flux (tests/test_flux.py, tests/test_flux_attention.py)
+# the nodes that also take Flux and SD3 (tests/test_flux.py, tests/test_flux_attention.py, tests/test_sd3.py)
 FLUX_NODES = ("AttnEditAttentionHook", "AttnEditCPAMSelfAttn", "AttnEditInvert", "AttnEditEditSampler")
 
 
@@ -311,13 +311,13 @@ def _family_inputs(tiny, inv, node_id):
 
 @pytest.mark.parametrize("node_id", sorted(FLUX_INPUTS))
 def test_unsupported_model_family_is_named(tiny, inv, node_id):
-    """A config class the pack does not know (named Flux, or SD3 for the nodes that do take the real Flux)."""
-    config = SD3() if node_id in FLUX_NODES else Flux()
+    """A config class the pack does not know (named Flux, or AuraFlow for the nodes that take the real Flux and SD3)."""
+    config = AuraFlow() if node_id in FLUX_NODES else Flux()
     fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config, diffusion_model=torch.nn.Linear(1, 1)))
     message = error_of(node_id, model=fake, **_family_inputs(tiny, inv, node_id))
     if node_id in FLUX_NODES:
-        assert "supports SD1.x, SD2.x, SDXL UNet models and Flux (ComfyUI 0.3.x); the connected MODEL is SD3" in \
-            message, message
+        assert ("supports SD1.x, SD2.x, SDXL UNet models and Flux, SD3 / SD3.5 (ComfyUI 0.3.x); the connected MODEL "
+                "is AuraFlow") in message, message
     else:
         assert "supports SD1.x, SD2.x, SDXL UNet models; the connected MODEL is Flux" in message, message
 

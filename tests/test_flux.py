@@ -214,19 +214,20 @@ def test_flow_methods_are_refused_on_a_unet(tiny):
         assert "ddim, null_text" in message
 
 
-class SD3:  # a config class of a non-UNet family the pack does not handle at all
+class AuraFlow:  # a config class of a non-UNet family the pack does not handle at all (SD3 is handled since sd3)
     pass
 
 
 @pytest.mark.parametrize("node_id", ["AttnEditInvert", "AttnEditEditSampler"])
 def test_a_non_unet_non_flux_model_is_refused_clearly(tiny, node_id):
-    """On both hosts (the 2024 host included): Invert and the edit sampler accept SD UNets and Flux only."""
-    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=SD3(), diffusion_model=torch.nn.Linear(1, 1)))
+    """On both hosts (the 2024 host included): Invert and the edit sampler accept SD UNets, Flux and SD3 only."""
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=AuraFlow(), diffusion_model=torch.nn.Linear(1, 1)))
     inputs = {"AttnEditInvert": dict(clip=tiny.clip, source_prompt=SRC, method="ddim", steps=3, cfg=7.5,
                                      latent={"samples": torch.zeros(1, 4, 8, 8)}),
               "AttnEditEditSampler": dict(inversion=None)}[node_id]
     message = error_of(node_id, model=fake, **inputs)
-    assert "supports SD1.x, SD2.x, SDXL UNet models and Flux (ComfyUI 0.3.x); the connected MODEL is SD3" in message
+    assert ("supports SD1.x, SD2.x, SDXL UNet models and Flux, SD3 / SD3.5 (ComfyUI 0.3.x); the connected MODEL is "
+            "AuraFlow") in message
 
 
 # ----------------------------------------------------------------------------------------------- pure flow maths

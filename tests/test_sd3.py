@@ -336,3 +336,19 @@ def test_p2p_self_injection_runs_in_every_sd3_joint_block(sd3):
     patched, _t = hook(model, clip)
     controller = patched.model_options["transformer_options"]["attnedit_controllers"][-1]
     assert controller.flux_self_sites is None
+
+
+@pytest.mark.newer_host(NEWER)
+def test_cpam_strategies_without_a_joint_form_and_unet_only_nodes_are_refused_on_sd3(sd3, sd3_inv):
+    model, clip = sd3
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:88] = 1.0
+    message = error_of("AttnEditCPAMSelfAttn", model=model, inversion=sd3_inv, clip=clip, source_mask=mask,
+                       target_prompt=TGT, strategy="remove object")
+    assert "`strategy` 'remove object' does not run on SD3 / SD3.5" in message
+    assert "'replace object' or 'change background'" in message
+    with pytest.raises(ValueError, match="the connected MODEL is SD3 / SD3.5.*on SD3 / SD3.5 the pack does"):
+        pkg("inversion.comfy_model").require_family(model, "MAG-Edit")
+    message = error_of("AttnEditInvert", model=model, clip=clip, source_prompt=SRC, method="ddim", steps=2, cfg=1.0,
+                       latent=sd3_latent())
+    assert "SD3" in message and "flow_euler" in message, message
