@@ -352,3 +352,13 @@ def test_cpam_strategies_without_a_joint_form_and_unet_only_nodes_are_refused_on
     message = error_of("AttnEditInvert", model=model, clip=clip, source_prompt=SRC, method="ddim", steps=2, cfg=1.0,
                        latent=sd3_latent())
     assert "SD3" in message and "flow_euler" in message, message
+
+
+@pytest.mark.newer_host(NEWER)
+def test_odd_latent_sides_give_the_padded_token_grid(sd3):
+    """MMDiT pads the latent to the patch size (PatchEmbed dynamic_img_pad), as Flux does: a 15x9 latent gives an 8x5
+    token grid, and the joint layout matches it (otherwise the calls would fall back to the host kernel uncaptured)."""
+    model, clip = sd3
+    latent = {"samples": torch.randn(1, 16, 15, 9, generator=torch.Generator().manual_seed(5))}
+    inv, _n, _s, recon, _p, store = invert(model, clip, steps=2, latent=latent)
+    assert store.cross_map().shape == (1, 8, 5, 77) and recon["samples"].shape == (1, 16, 15, 9)
