@@ -362,3 +362,21 @@ def test_odd_latent_sides_give_the_padded_token_grid(sd3):
     latent = {"samples": torch.randn(1, 16, 15, 9, generator=torch.Generator().manual_seed(5))}
     inv, _n, _s, recon, _p, store = invert(model, clip, steps=2, latent=latent)
     assert store.cross_map().shape == (1, 8, 5, 77) and recon["samples"].shape == (1, 16, 15, 9)
+
+
+@pytest.mark.newer_host(NEWER)
+def test_heat_maps_and_mask_from_attention_on_sd3(sd3):
+    """Attention Heat Maps labels the SD3 maps with CLIP words; Mask from Attention (local blend) equals P2P's
+    local-blend maths on the 8x8 token grid."""
+    model, clip = sd3
+    _inv, _n, _s, _r, _p, store = invert(model, clip)
+    image = torch.rand(1, 128, 128, 3)
+    (heat,) = call_node("AttnEditAttentionPreview", attention=store, image=image, branch="source", words="cat, photo")
+    assert heat.shape[0] == 2 and torch.isfinite(heat).all()
+    full, grid, _preview = call_node("AttnEditMaskFromAttention", attention=store, mode="local blend", words="cat",
+                                     image=image)
+    maps = store.cross_map()[0]
+    expect = pkg("attention.p2p").local_blend_mask(maps.reshape(1, 64, 77), [[5]], (16, 16), (8, 8), 0.3, 1)[0, 0]
+    assert torch.equal(grid[0], expect) and full.shape == (1, 128, 128) and 0 < float(expect.mean()) <= 1
+    with pytest.raises(ValueError, match="the word 'tiger' is not in the source prompt"):
+        call_node("AttnEditMaskFromAttention", attention=store, mode="local blend", words="tiger")
