@@ -10,6 +10,7 @@ import pytest
 import tiny_families
 import torch
 from conftest import HOST, call_node, make_image, pkg
+from joint_checks import error_of
 
 NEWER = "Flux exists only in ComfyUI 0.3.x"
 SRC = "a photo of a cat"
@@ -20,12 +21,6 @@ def flux_latent(seed: int = 3, size: int = 16):
     return {"samples": torch.randn(1, 16, size, size, generator=torch.Generator().manual_seed(seed))}
 
 
-def error_of(node_id, **inputs):
-    with pytest.raises(ValueError) as info:
-        call_node(node_id, **inputs)
-    message = str(info.value)
-    assert message.startswith("[Attention Edit] ") and "\n" not in message.strip(), message
-    return message
 
 
 @pytest.fixture(scope="module")

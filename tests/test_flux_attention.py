@@ -8,9 +8,18 @@ import pytest
 import tiny_families
 import torch
 from conftest import call_node, pkg
+from joint_checks import (
+    SRC,
+    TGT,
+    assert_interrupt_leaves_the_next_run_clean,
+    assert_no_leakage,
+    controller_calls,
+    edit,
+    error_of,
+    hook,
+)
 
 NEWER = "Flux exists only in ComfyUI 0.3.x"
-SRC, TGT = "a photo of a cat", "a photo of a dog"
 BLEND = 0.97  # local-blend threshold for the tiny Flux's flat maps
 QK_SCALE = 1.0  # QK-norm scales (the seeded init leaves them 0: uniform attention), see tiny_families.make_flux
 
@@ -30,17 +39,8 @@ def invert(model, clip, steps=4, prompt=SRC, cfg=1.0, **inputs):
                      cfg=cfg, **inputs)
 
 
-def hook(model, clip, source=SRC, target=TGT, mode="replace", cross=0.8, self_=0.4, **inputs):
-    return call_node("AttnEditAttentionHook", model=model, clip=clip, source_prompt=source, target_prompt=target,
-                     mode=mode, cross_replace=cross, self_replace=self_, **inputs)
 
 
-def error_of(node_id, **inputs):
-    with pytest.raises(ValueError) as info:
-        call_node(node_id, **inputs)
-    message = str(info.value)
-    assert message.startswith("[Attention Edit] ") and "\n" not in message.strip(), message
-    return message
 
 
 # ----------------------------------------------------------------------------------------------- pure joint maths
@@ -194,9 +194,6 @@ def test_heat_maps_and_mask_from_attention_on_flux(flux):
 
 
 # ----------------------------------------------------------------------------------------------- Prompt-to-Prompt
-def edit(model, inv, **inputs):
-    edited, source, store = call_node("AttnEditEditSampler", model=model, inversion=inv, **inputs)
-    return edited["samples"], source["samples"], store
 
 
 @pytest.fixture(scope="module")
@@ -256,26 +253,7 @@ def test_batch_layout_and_sites_seen_by_controllers(flux, cfg):
     """cfg 1: one cond chunk; cfg > 1: two chunks (uncond and cond). Every joint call reaches the controllers as one
     cross and one self call per block, with the site, the step and the 8x8 grid."""
     model, clip = flux
-    run_mod, hooks = pkg("attention.run"), pkg("attention.hooks")
-    inv = invert(model, clip, steps=2, cfg=cfg)[0]
-    seen = []
-
-    class Recorder(run_mod.Controller):
-        EDITS_PROBS = True
-
-        def __deepcopy__(self, memo):
-            return self
-
-        def active(self, call):
-            return call.run is not None and len(call.run.roles) == 2
-
-        def edit_probs(self, call, probs):
-            seen.append((call.kind, call.site.block, call.site.index, call.layout.labels, call.grid,
-                         tuple(probs.shape), call.step))
-            return probs
-
-    patched = hooks.add_controller(model, Recorder())
-    edit(patched, inv, target=inv.source)
+    seen = controller_calls(model, invert(model, clip, steps=2, cfg=cfg)[0])
     labels = {s[3] for s in seen}
     assert labels == {(0,)} if cfg == 1.0 else labels in ({(1, 0)}, {(0, 1)})
     rows = 2 * len(next(iter(labels)))
@@ -286,41 +264,12 @@ def test_batch_layout_and_sites_seen_by_controllers(flux, cfg):
 
 @pytest.mark.newer_host(NEWER)
 def test_no_leakage_into_the_next_run(flux, flux_inv):
-    model, clip = flux
-    before = repr(model.model_options)
-    patched, _t = hook(model, clip, local_blend="cat, dog")
-    first = edit(patched, flux_inv)[0]
-    plain = edit(model, flux_inv, target=flux_inv.source)[0]
-    assert torch.equal(edit(patched, flux_inv)[0], first)
-    assert torch.equal(edit(model, flux_inv, target=flux_inv.source)[0], plain)
-    assert repr(model.model_options) == before
+    assert_no_leakage(*flux, flux_inv)
 
 
 @pytest.mark.newer_host(NEWER)
 def test_interrupted_flux_edit_leaves_the_next_run_clean(flux, flux_inv, monkeypatch):
-    import comfy.model_management as mm
-
-    model, clip = flux
-    patched, _t = hook(model, clip, local_blend="cat, dog")
-    fresh = edit(patched, flux_inv)[0]
-    progress = pkg("inversion.comfy_model").Progress
-    original = progress.update
-    seen = []
-
-    def stop(self, units=1, x0=None):
-        seen.append(units)
-        if len(seen) == 2:
-            mm.interrupt_current_processing(True)
-        return original(self, units, x0)
-
-    monkeypatch.setattr(progress, "update", stop)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            edit(patched, flux_inv)
-    finally:
-        mm.interrupt_current_processing(False)
-        monkeypatch.setattr(progress, "update", original)
-    assert len(seen) == 2 and torch.equal(edit(patched, flux_inv)[0], fresh)
+    assert_interrupt_leaves_the_next_run_clean(*flux, flux_inv, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------- T5 words, bad input

@@ -7,9 +7,18 @@ import pytest
 import tiny_families
 import torch
 from conftest import HOST, call_node, pkg
+from joint_checks import (
+    SRC,
+    TGT,
+    assert_interrupt_leaves_the_next_run_clean,
+    assert_no_leakage,
+    controller_calls,
+    edit,
+    error_of,
+    hook,
+)
 
 NEWER = "SD3 exists only in ComfyUI 0.3.x"
-SRC, TGT = "a photo of a cat", "a photo of a dog"
 FLOW_METHODS = ("flow_euler", "rf_solver")
 BLEND = 0.97  # local-blend threshold for the tiny model's flat maps (as for the tiny Flux)
 
@@ -18,12 +27,6 @@ def sd3_latent(seed: int = 3, size: int = 16):
     return {"samples": torch.randn(1, 16, size, size, generator=torch.Generator().manual_seed(seed))}
 
 
-def error_of(node_id, **inputs):
-    with pytest.raises(ValueError) as info:
-        call_node(node_id, **inputs)
-    message = str(info.value)
-    assert message.startswith("[Attention Edit] ") and "\n" not in message.strip(), message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +40,8 @@ def invert(model, clip, method="flow_euler", steps=4, prompt=SRC, cfg=1.0, **inp
                      cfg=cfg, **inputs)
 
 
-def hook(model, clip, source=SRC, target=TGT, mode="replace", cross=0.8, self_=0.4, **inputs):
-    return call_node("AttnEditAttentionHook", model=model, clip=clip, source_prompt=source, target_prompt=target,
-                     mode=mode, cross_replace=cross, self_replace=self_, **inputs)
 
 
-def edit(model, inv, **inputs):
-    edited, source, store = call_node("AttnEditEditSampler", model=model, inversion=inv, **inputs)
-    return edited["samples"], source["samples"], store
 
 
 # ----------------------------------------------------------------------------------------------- the tiny SD3
@@ -201,26 +198,7 @@ def test_batch_layout_and_sites_seen_by_controllers(sd3, cfg):
     """cfg 1: one cond chunk; cfg > 1 (SD3's real CFG): two chunks. Every joint block reaches the controllers as one
     cross (77 CLIP tokens) and one self call, with its site, the step and the 8x8 grid."""
     model, clip = sd3
-    run_mod, hooks = pkg("attention.run"), pkg("attention.hooks")
-    inv = invert(model, clip, steps=2, cfg=cfg)[0]
-    seen = []
-
-    class Recorder(run_mod.Controller):
-        EDITS_PROBS = True
-
-        def __deepcopy__(self, memo):
-            return self
-
-        def active(self, call):
-            return call.run is not None and len(call.run.roles) == 2
-
-        def edit_probs(self, call, probs):
-            seen.append((call.kind, call.site.block, call.site.index, call.layout.labels, call.grid,
-                         tuple(probs.shape), call.step))
-            return probs
-
-    patched = hooks.add_controller(model, Recorder())
-    edit(patched, inv, target=inv.source)
+    seen = controller_calls(model, invert(model, clip, steps=2, cfg=cfg)[0])
     labels = {s[3] for s in seen}
     assert labels == {(0,)} if cfg == 1.0 else labels in ({(1, 0)}, {(0, 1)})
     rows = 2 * len(next(iter(labels)))
@@ -231,41 +209,12 @@ def test_batch_layout_and_sites_seen_by_controllers(sd3, cfg):
 
 @pytest.mark.newer_host(NEWER)
 def test_no_leakage_into_the_next_run(sd3, sd3_inv):
-    model, clip = sd3
-    before = repr(model.model_options)
-    patched, _t = hook(model, clip, local_blend="cat, dog")
-    first = edit(patched, sd3_inv)[0]
-    plain = edit(model, sd3_inv, target=sd3_inv.source)[0]
-    assert torch.equal(edit(patched, sd3_inv)[0], first)
-    assert torch.equal(edit(model, sd3_inv, target=sd3_inv.source)[0], plain)
-    assert repr(model.model_options) == before
+    assert_no_leakage(*sd3, sd3_inv)
 
 
 @pytest.mark.newer_host(NEWER)
 def test_interrupted_sd3_edit_leaves_the_next_run_clean(sd3, sd3_inv, monkeypatch):
-    import comfy.model_management as mm
-
-    model, clip = sd3
-    patched, _t = hook(model, clip, local_blend="cat, dog")
-    fresh = edit(patched, sd3_inv)[0]
-    progress = pkg("inversion.comfy_model").Progress
-    original = progress.update
-    seen = []
-
-    def stop(self, units=1, x0=None):
-        seen.append(units)
-        if len(seen) == 2:
-            mm.interrupt_current_processing(True)
-        return original(self, units, x0)
-
-    monkeypatch.setattr(progress, "update", stop)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            edit(patched, sd3_inv)
-    finally:
-        mm.interrupt_current_processing(False)
-        monkeypatch.setattr(progress, "update", original)
-    assert len(seen) == 2 and torch.equal(edit(patched, sd3_inv)[0], fresh)
+    assert_interrupt_leaves_the_next_run_clean(*sd3, sd3_inv, monkeypatch)
 
 
 @pytest.mark.newer_host(NEWER)
