@@ -37,6 +37,21 @@ def _clip_kwargs(cls, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
+def _model_and_clip(model, cfg, seed: int):
+    """(MODEL, CLIP) of a tiny model: a ModelPatcher over `model` and the config's own text encoders with seeded
+    random weights (seed + 1)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(cfg.clip_target())
+        init_weights(clip.cond_stage_model, seed + 1)
+    return patcher, clip
+
+
 def _sdxl_classes():
     import comfy.model_base
     import comfy.sd1_clip
@@ -125,8 +140,6 @@ def _sd2_classes():
 def make_sdxl(seed: int = 0, inpaint: bool = False):
     """(MODEL, CLIP) of a tiny SDXL-shaped model (eps prediction); `inpaint`: the 9-channel inpainting UNet."""
     import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.sd
 
     config_cls, model_cls = _sdxl_classes()
     cfg = config_cls(dict(TINY_SDXL_UNET, in_channels=9 if inpaint else 4))
@@ -135,12 +148,7 @@ def make_sdxl(seed: int = 0, inpaint: bool = False):
         if inpaint:
             model.set_inpaint()
         init_weights(model, seed)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-    with torch.no_grad():
-        clip = comfy.sd.CLIP(cfg.clip_target())
-        init_weights(clip.cond_stage_model, seed + 1)
-    return patcher, clip
+    return _model_and_clip(model, cfg, seed)
 
 
 TINY_SDXL_ADAPTER_CHANNELS = [32, 64, 128, 128]  # TINY_SDXL_UNET model_channels * [1, 2, 4, 4], as 320/640/1280
@@ -176,12 +184,7 @@ def make_sd2v(seed: int = 0):
         model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION,
                                            device=mm.unet_offload_device())
         init_weights(model, seed)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-    with torch.no_grad():
-        clip = comfy.sd.CLIP(cfg.clip_target())
-        init_weights(clip.cond_stage_model, seed + 1)
-    return patcher, clip
+    return _model_and_clip(model, cfg, seed)
 
 
 class ConstantEpsUNet:
@@ -297,8 +300,6 @@ def make_flux(seed: int = 0, qk_scale: float | None = None):
     The seeded init zeroes 1-d parameters, so the QK-norm scales are 0 and every attention is uniform; `qk_scale` sets
     them (tests of attention edits use 1.0, the RMSNorm identity, so the attention depends on the tokens)."""
     import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.sd
 
     config_cls, model_cls = _flux_classes()
     cfg = config_cls(dict(TINY_FLUX_DIT))
@@ -310,12 +311,7 @@ def make_flux(seed: int = 0, qk_scale: float | None = None):
             if qk_scale is not None and type(module).__name__ == "QKNorm":
                 module.query_norm.scale.fill_(qk_scale)
                 module.key_norm.scale.fill_(qk_scale)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-    with torch.no_grad():
-        clip = comfy.sd.CLIP(cfg.clip_target())
-        init_weights(clip.cond_stage_model, seed + 1)
-    return patcher, clip
+    return _model_and_clip(model, cfg, seed)
 
 
 def make_flux_vae(seed: int = 2):
@@ -426,8 +422,6 @@ def make_sd3(seed: int = 0, qk_scale: float | None = 1.0):
     uniform attention); `qk_scale` sets them (1.0: the RMSNorm identity). The positional-embedding buffer, which
     ComfyUI leaves uninitialised, gets seeded values."""
     import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.sd
 
     config_cls, model_cls = _sd3_classes()
     cfg = config_cls(dict(TINY_SD3_DIT))
@@ -443,12 +437,7 @@ def make_sd3(seed: int = 0, qk_scale: float | None = 1.0):
                 for norm in (module.ln_q, module.ln_k):
                     if getattr(norm, "weight", None) is not None:
                         norm.weight.fill_(qk_scale)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-    with torch.no_grad():
-        clip = comfy.sd.CLIP(cfg.clip_target())
-        init_weights(clip.cond_stage_model, seed + 1)
-    return patcher, clip
+    return _model_and_clip(model, cfg, seed)
 
 
 class SD3StandIn:
