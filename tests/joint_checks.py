@@ -89,3 +89,20 @@ def controller_calls(model, inv) -> list[tuple]:
 
     edit(hooks.add_controller(model, Recorder()), inv, target=inv.source)
     return seen
+
+
+def assert_local_blend_keeps_the_source_outside_the_mask(model, clip, inv, threshold: float):
+    """After the last step the target equals the source exactly where the union of the blend words' masks (P2P local
+    blend on the captured 8x8 maps of a 16x16 latent, the same running mean the step hook read) is 0, and differs
+    inside."""
+    p2p = pkg("attention.p2p")
+    patched, _t = hook(model, clip, local_blend="cat, dog", blend_threshold=threshold, blend_start=0.0)
+    edited, source, store = edit(patched, inv)
+    src_tok, tgt_tok = store.prompts[0].find_text("cat"), store.prompts[1].find_text("dog")
+    maps = store.cross_map().flatten(1, 2)
+    masks = p2p.local_blend_mask(maps, [src_tok, tgt_tok], (16, 16), (8, 8), threshold, 1)
+    mask = torch.maximum(masks[0], masks[1])[0]
+    outside = mask == 0
+    assert 0 < int(outside.sum()) < 256, float(mask.mean())
+    assert torch.equal(edited[0][:, outside], source[0][:, outside])
+    assert float((edited[0][:, ~outside] - source[0][:, ~outside]).abs().max()) > 1e-4

@@ -12,6 +12,7 @@ from joint_checks import (
     SRC,
     TGT,
     assert_interrupt_leaves_the_next_run_clean,
+    assert_local_blend_keeps_the_source_outside_the_mask,
     assert_no_leakage,
     controller_calls,
     edit,
@@ -233,18 +234,7 @@ def test_local_blend_keeps_the_source_outside_the_mask(flux, flux_inv):
     """After the last step the target equals the source exactly where the union of the blend words' masks (P2P
     local blend on the captured 8x8 maps, the same running mean the step hook read) is 0, and differs inside.
     The random tiny Flux's maps are flat (within 25% of their maximum), hence the high threshold."""
-    model, clip = flux
-    p2p = pkg("attention.p2p")
-    patched, _t = hook(model, clip, local_blend="cat, dog", blend_threshold=BLEND, blend_start=0.0)
-    edited, source, store = edit(patched, flux_inv)
-    src_tok, tgt_tok = store.prompts[0].find_text("cat"), store.prompts[1].find_text("dog")
-    maps = store.cross_map().reshape(2, 64, 256)
-    masks = p2p.local_blend_mask(maps, [src_tok, tgt_tok], (16, 16), (8, 8), BLEND, 1)
-    mask = torch.maximum(masks[0], masks[1])[0]
-    outside = mask == 0
-    assert 0 < int(outside.sum()) < 256, float(mask.mean())
-    assert torch.equal(edited[0][:, outside], source[0][:, outside])
-    assert float((edited[0][:, ~outside] - source[0][:, ~outside]).abs().max()) > 1e-4
+    assert_local_blend_keeps_the_source_outside_the_mask(*flux, flux_inv, BLEND)
 
 
 @pytest.mark.newer_host(NEWER)

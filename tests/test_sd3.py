@@ -11,6 +11,7 @@ from joint_checks import (
     SRC,
     TGT,
     assert_interrupt_leaves_the_next_run_clean,
+    assert_local_blend_keeps_the_source_outside_the_mask,
     assert_no_leakage,
     controller_calls,
     edit,
@@ -178,18 +179,7 @@ def test_word_swap_acts_on_sd3(sd3, sd3_inv):
 
 @pytest.mark.newer_host(NEWER)
 def test_local_blend_keeps_the_source_outside_the_mask(sd3, sd3_inv):
-    model, clip = sd3
-    p2p = pkg("attention.p2p")
-    patched, _t = hook(model, clip, local_blend="cat, dog", blend_threshold=BLEND, blend_start=0.0)
-    edited, source, store = edit(patched, sd3_inv)
-    src_tok, tgt_tok = store.prompts[0].find_text("cat"), store.prompts[1].find_text("dog")
-    maps = store.cross_map().reshape(2, 64, 77)
-    masks = p2p.local_blend_mask(maps, [src_tok, tgt_tok], (16, 16), (8, 8), BLEND, 1)
-    mask = torch.maximum(masks[0], masks[1])[0]
-    outside = mask == 0
-    assert 0 < int(outside.sum()) < 256, float(mask.mean())
-    assert torch.equal(edited[0][:, outside], source[0][:, outside])
-    assert float((edited[0][:, ~outside] - source[0][:, ~outside]).abs().max()) > 1e-4
+    assert_local_blend_keeps_the_source_outside_the_mask(*sd3, sd3_inv, BLEND)
 
 
 @pytest.mark.newer_host(NEWER)
