@@ -9,11 +9,14 @@ patch nodes (keys.CONTROLLERS) and the RunState of the sampling node (keys.RUN).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from . import keys
-from .layers import AttnSite, query_grid
+from .core import merge_heads, split_heads
+from .joint import JointLayout, joint_dispatch
+from .layers import FLUX_DOUBLE, FLUX_LEVEL, FLUX_SINGLE, AttnSite, flux_grid, query_grid
 from .run import AttnCall, BatchLayout, Controller, RunState, dispatch
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,31 @@ def unet_sites(model_patcher) -> list[AttnSite]:
         if any(type(m).__name__ == "Upsample" for m in block):
             level //= 2
     return sites
+
+
+def flux_sites(model_patcher) -> list[AttnSite]:
+    """Every joint-attention site of a Flux diffusion model (comfy/ldm/flux/model.py): ("double", i) for each
+    double-stream block, then ("single", j) for each single-stream block, all at FLUX_LEVEL (see layers.py)."""
+    dit = getattr(model_patcher.model, "diffusion_model", None)
+    if dit is None or not hasattr(dit, "double_blocks") or not hasattr(dit, "single_blocks"):
+        return []
+    return ([AttnSite(FLUX_DOUBLE, i, 0, FLUX_LEVEL) for i in range(len(dit.double_blocks))]
+            + [AttnSite(FLUX_SINGLE, j, 0, FLUX_LEVEL) for j in range(len(dit.single_blocks))])
+
+
+def mmdit_sites(model_patcher) -> list[AttnSite]:
+    """Every joint-attention site of an SD3 / SD3.5 MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py): one per joint
+    block, keyed as the host's `patches_replace["dit"][("double_block", i)]` (block "double", index i), at FLUX_LEVEL
+    (patch size 2, as Flux)."""
+    dit = getattr(model_patcher.model, "diffusion_model", None)
+    if dit is None or not hasattr(dit, "joint_blocks"):
+        return []
+    return [AttnSite(FLUX_DOUBLE, i, 0, FLUX_LEVEL) for i in range(len(dit.joint_blocks))]
+
+
+def joint_sites(model_patcher) -> list[AttnSite]:
+    """The joint-attention sites of a Flux or SD3 diffusion model ([] for UNets)."""
+    return flux_sites(model_patcher) or mmdit_sites(model_patcher)
 
 
 def _block_sites(name: str, index: int, block, level: int) -> list[AttnSite]:
@@ -118,10 +146,14 @@ setattr(attn2_dispatch, keys.DISPATCH_MARK, True)
 
 
 def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None:
-    """Route the given sites (default: all) of `model_patcher` (a clone) through our dispatchers.
+    """Route the given sites (default: all) of `model_patcher` (a clone) through our dispatchers (Flux: joint
+    attention, see install_joint_dispatch).
 
     A site that already carries another pack's replace patch is left alone (logged): we never drop a foreign patch.
     """
+    if sites is None and joint_sites(model_patcher):
+        install_joint_dispatch(model_patcher)
+        return
     sites = unet_sites(model_patcher) if sites is None else sites
     replace = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
     for site in sites:
@@ -139,6 +171,100 @@ def install_dispatch(model_patcher, sites: list[AttnSite] | None = None) -> None
         attn2 = options.get("patches_replace", {}).get("attn2", {})
         options[keys.DISPATCHED_SITES] = frozenset(key for key, fn in attn2.items()
                                                    if getattr(fn, keys.DISPATCH_MARK, False))
+
+
+# --------------------------------------------------------------------------------------------------- Flux joint attention
+@dataclass(frozen=True)
+class FluxBlockSite:
+    """`patches_replace["dit"]` entry of one Flux block: runs the host's block unchanged with the block's site added to
+    a copy of its transformer_options, so the attention override knows which block calls it (Flux's blocks do not say).
+    Deep copies keep it (ModelPatcher.clone deep-copies model_options)."""
+
+    block: str
+    index: int
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = args.get("transformer_options") or {}
+        if options.get(keys.RUN) is None:  # outside our samplers nothing acts: the block as the host runs it
+            return extra["original_block"](args)
+        options = dict(options)
+        options[keys.SITE] = (self.block, self.index)
+        return extra["original_block"](dict(args, transformer_options=options))
+
+
+setattr(FluxBlockSite, keys.DISPATCH_MARK, True)
+
+
+def joint_attention_override(func, *args, **kwargs):
+    """`transformer_options["optimized_attention_override"]` (ComfyUI 0.3.x wrap_attn) of a Flux or SD3 clone: the
+    joint attention of a block inside our samplers goes through attention.joint.joint_dispatch; every other call (no
+    run, no site, a mask, another layout, SD3.5's image-only second attention) runs `func`, the host's kernel, unchanged.
+
+    Flux hands q, k, v as [B, H, L, D] with skip_reshape and `heads` positional (comfy/ldm/flux/math.py); SD3's MMDiT
+    as [B, L, H*D] with `heads=` by keyword (mmdit.py _block_mixing): the latter are split into heads for the pack and
+    merged again for the host's kernel."""
+    options = kwargs.get("transformer_options") or {}
+    run = options.get(keys.RUN)
+    site = options.get(keys.SITE)
+    layout: JointLayout | None = options.get(keys.JOINT_LAYOUT)
+    heads = args[3] if len(args) >= 4 else kwargs.get("heads")
+    if run is None or site is None or layout is None or len(args) < 3 or heads is None \
+            or kwargs.get("mask") is not None or kwargs.get("skip_output_reshape"):
+        return func(*args, **kwargs)
+    q, k, v = args[:3]
+    merged = not kwargs.get("skip_reshape")  # SD3: [B, L, H*D]
+    if q.ndim != (3 if merged else 4) or not layout.fits(q.shape[1 if merged else 2]):
+        log.debug("Attention Edit: joint attention of %s tokens does not match %s; host kernel", q.shape, layout)
+        return func(*args, **kwargs)
+    if merged:  # MMDiT's v arrives as [B, L, H, D] (split_qkv), q and k as [B, L, H*D]
+        q, k, v = (split_heads(t.reshape(t.shape[0], t.shape[1], -1), int(heads)) for t in (q, k, v))
+    head_args = tuple(args[3:])
+
+    def host(q_, k_, v_):
+        if merged:
+            q_, k_, v_ = merge_heads(q_), merge_heads(k_), merge_heads(v_)
+        return func(q_, k_, v_, *head_args, **kwargs)
+
+    batch = BatchLayout.from_call(q.shape[0], options.get("cond_or_uncond", [0]))
+    sigma = run.sigma if run.sigma is not None else float(options["sigmas"][0]) if "sigmas" in options else 0.0
+    attn_site = AttnSite(site[0], int(site[1]), 0, FLUX_LEVEL)
+    return joint_dispatch(q, k, v, layout, attn_site, batch, run, sigma, options.get(keys.CONTROLLERS, ()), host, host)
+
+
+def install_joint_dispatch(model_patcher) -> None:
+    """Route a Flux clone's joint attention through the pack: a `patches_replace["dit"]` entry per block (its site)
+    and the `optimized_attention_override` (ComfyUI 0.3.x public transformer_options key). A block or override that
+    another node installed is left alone (logged)."""
+    options = model_patcher.model_options.setdefault("transformer_options", {})
+    dit = options.get("patches_replace", {}).get("dit", {})
+    for site in joint_sites(model_patcher):
+        name = f"{site.block}_block"
+        current = dit.get((name, site.index))
+        if current is not None and not getattr(current, keys.DISPATCH_MARK, False):
+            log.warning("Attention Edit: Flux %s %d already patched by another node; leaving it alone", name,
+                        site.index)
+            continue
+        model_patcher.set_model_patch_replace(FluxBlockSite(site.block, site.index), "dit", name, site.index)
+    options = model_patcher.model_options["transformer_options"]
+    current = options.get("optimized_attention_override")
+    if current is not None and current is not joint_attention_override:
+        log.warning("Attention Edit: another node set optimized_attention_override; Flux attention is not routed")
+        return
+    options["optimized_attention_override"] = joint_attention_override
+    options[keys.JOINT] = True
+
+
+def joint_layout(c: dict, latent: torch.Tensor) -> JointLayout:
+    """Text tokens (the T5 context's length, c_crossattn) and image grid of one Flux model call."""
+    return JointLayout(int(c["c_crossattn"].shape[1]), flux_grid((int(latent.shape[-2]), int(latent.shape[-1]))))
+
+
+def is_joint(model_patcher) -> bool:
+    """True for a model whose attention sites are joint (Flux, SD3)."""
+    return bool(joint_sites(model_patcher))
 
 
 def add_controller(model, controller: Controller):
@@ -278,6 +404,39 @@ def _call_inner(prev, apply_model, args):
     return apply_model(args["input"], args["timestep"], **args["c"])
 
 
+class VelocityUnavailableError(RuntimeError):
+    """The diffusion model ran without ComfyUI 0.3.x's DIFFUSION_MODEL wrappers, so its raw output was not seen."""
+
+
+def _velocity_call(prev, apply_model, args):
+    """The diffusion model's raw output (a flow model's velocity v) for this call instead of the denoised x0.
+
+    For CONST sampling denoised = x - sigma * v, which loses v at sigma = 0 (the first step of a flow inversion), so the
+    output is read where the host produces it: an outermost DIFFUSION_MODEL wrapper (comfy.patcher_extension, ComfyUI
+    0.3.x, where every flow family lives) on a copy of this call's transformer_options.
+    """
+    import comfy.patcher_extension as ext
+
+    box: dict = {}
+
+    def attnedit_velocity(executor, *a, **kw):
+        box["v"] = executor(*a, **kw)
+        return box["v"]
+
+    c = args["c"]
+    options = dict(c.get("transformer_options", {}))
+    wrappers = {kind: dict(found) for kind, found in options.get("wrappers", {}).items()}
+    kind = ext.WrappersMP.DIFFUSION_MODEL
+    wrappers[kind] = {keys.VELOCITY: [attnedit_velocity], **wrappers.get(kind, {})}  # first = outermost
+    options["wrappers"] = wrappers
+    options[keys.VELOCITY_BOX] = box  # SD3's MMDiT runs no DIFFUSION_MODEL wrappers: its forward tap fills the box
+    _call_inner(prev, apply_model, dict(args, c=dict(c, transformer_options=options)))
+    if "v" not in box:
+        raise VelocityUnavailableError("the diffusion model's output could not be read (no DIFFUSION_MODEL wrapper "
+                                       "support): flow-model inversion needs ComfyUI 0.3.x")
+    return box["v"].float()  # as BaseModel._apply_model reads it
+
+
 def make_unet_wrapper(prev=None):
     """ComfyUI unet function wrapper that applies the RunState knobs of the current call and chains `prev`.
 
@@ -301,8 +460,13 @@ def make_unet_wrapper(prev=None):
             c = dict(c, c_crossattn=_override_context(c["c_crossattn"], labels, per_chunk, run.context_override))
         if run.control_roles is not None and c.get("control") is not None:
             c = dict(c, control=keep_control_rows(c["control"], _control_keep(run, labels, per_chunk)))
+        options = c.get("transformer_options", {})
+        if options.get(keys.JOINT) and c.get("c_crossattn") is not None:  # Flux: how this call's tokens are laid out
+            c = dict(c, transformer_options={**options, keys.JOINT_LAYOUT: joint_layout(c, x)})
         keep = [i for i, lab in enumerate(labels) if run.compute_labels is None or lab in run.compute_labels]
-        if len(keep) == len(labels):
+        if run.velocity:
+            out = _velocity_call(prev, apply_model, dict(args, c=c))
+        elif len(keep) == len(labels):
             out = _call_inner(prev, apply_model, dict(args, c=c))
         else:
             out = _partial_call(prev, apply_model, args, c, labels, keep, per_chunk, run)
@@ -338,8 +502,40 @@ def _partial_call(prev, apply_model, args, c, labels, keep, per_chunk, run):
     return torch.cat(pieces)
 
 
+@dataclass(frozen=True)
+class VelocityTap:
+    """Object patch of an SD3 clone's `diffusion_model.forward` (ModelPatcher.add_object_patch, as core's
+    ModelSamplingSD3 patches model_sampling): runs the forward it wraps unchanged and, on a velocity read
+    (_velocity_call put keys.VELOCITY_BOX in this call's transformer_options), keeps its raw output there. MMDiT runs
+    no DIFFUSION_MODEL wrappers, and CONST's denoised = x - sigma v loses v at sigma 0."""
+
+    forward: object
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        box = (kwargs.get("transformer_options") or {}).get(keys.VELOCITY_BOX)
+        if box is not None:
+            box["v"] = out
+        return out
+
+
+def install_velocity_tap(model_patcher) -> None:
+    """On an SD3 clone (MMDiT), wrap whatever `diffusion_model.forward` it has (a stand-in object patch included)
+    in a VelocityTap; other models read the velocity through a DIFFUSION_MODEL wrapper and are left alone."""
+    if not mmdit_sites(model_patcher):
+        return
+    current = model_patcher.get_model_object("diffusion_model.forward")
+    if not isinstance(current, VelocityTap):
+        model_patcher.add_object_patch("diffusion_model.forward", VelocityTap(current))
+
+
 def install_unet_wrapper(model_patcher) -> None:
-    """Install our wrapper on a clone, chaining whatever unet function wrapper it already had."""
+    """Install our wrapper on a clone, chaining whatever unet function wrapper it already had (and, on SD3, the
+    velocity tap)."""
+    install_velocity_tap(model_patcher)
     prev = model_patcher.model_options.get("model_function_wrapper")
     if prev is not None and getattr(prev, "__name__", "") == "attnedit_unet_wrapper":
         return

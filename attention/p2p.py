@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inversion.edit import StepContext, StepHook
-from .layers import SEMANTIC_LEVEL
+from .layers import FLUX_BLOCKS, SEMANTIC_LEVEL
 from .run import COND, SOURCE, TARGET, AttnCall, Controller
 from .seq_align import refinement_mapper, replacement_mapper
 from .tokens import CHUNK, PromptError, PromptTokens
@@ -57,14 +57,15 @@ def refine_attention(src: torch.Tensor, tgt: torch.Tensor, mapper: torch.Tensor,
     return src[..., mapper.to(src.device)] * alphas + tgt * (1.0 - alphas)
 
 
-def blockwise(fn, *maps: torch.Tensor) -> torch.Tensor:
-    """Apply a 77-token edit to each 77-column block (ComfyUI repeats a short context to the batch's token length)."""
+def blockwise(fn, *maps: torch.Tensor, length: int = CHUNK) -> torch.Tensor:
+    """Apply a `length`-token edit to each `length`-column block (ComfyUI repeats a short context to the batch's token
+    length; 77 for CLIP, 256 for Flux's T5 sequence, which is one block)."""
     width = maps[0].shape[-1]
-    if width == CHUNK:
+    if width == length:
         return fn(*maps)
-    if width % CHUNK:
-        raise ValueError(f"cross-attention over {width} tokens is not a whole number of 77-token chunks")
-    blocks = [fn(*(m[..., b * CHUNK:(b + 1) * CHUNK] for m in maps)) for b in range(width // CHUNK)]
+    if width % length:
+        raise ValueError(f"cross-attention over {width} tokens is not a whole number of {length}-token blocks")
+    blocks = [fn(*(m[..., b * length:(b + 1) * length] for m in maps)) for b in range(width // length)]
     return torch.cat(blocks, -1)
 
 
@@ -87,6 +88,8 @@ class PromptToPrompt(Controller):
     target_text: str | None = None
     target_tokens: PromptTokens | None = None
     target_conditioning: list | None = field(default=None, repr=False)
+    length: int = CHUNK  # tokens of one context block: 77 (CLIP) or 256 (Flux's T5)
+    flux_self_sites: frozenset | None = None  # Flux: (block, index) sites with self-attention injection (None: all)
 
     EDITS_PROBS = True
 
@@ -98,7 +101,11 @@ class PromptToPrompt(Controller):
             return call.run.memo((self, "active", step),
                                  lambda: bool(token_alpha(step, total, self.cross_windows).any()))
         start, end = self_window_steps(self.self_window, total)
-        return call.site.level >= self.self_min_level and start <= step < end
+        if call.site.block in FLUX_BLOCKS:  # Flux: sites chosen by block type and index, not by level
+            where = self.flux_self_sites is None or (call.site.block, call.site.index) in self.flux_self_sites
+        else:
+            where = call.site.level >= self.self_min_level
+        return where and start <= step < end
 
     def _edited_cross(self, src: torch.Tensor, tgt: torch.Tensor, run) -> torch.Tensor:
         # The controller's tensors reach the kernels as per-run device copies (RunState.on_device): they are made
@@ -124,13 +131,13 @@ class PromptToPrompt(Controller):
                 probs[t] = probs[s]
             return probs
         run, step, total = call.run, call.step, call.run.total_steps
-        blocks = probs.shape[-1] // CHUNK
+        blocks = probs.shape[-1] // self.length
         alpha = run.on_device((self, "alpha", step, blocks),
                               lambda: token_alpha(step, total, self.cross_windows).repeat(blocks), probs.device,
                               probs.dtype)
         edit = lambda src, tgt: self._edited_cross(src, tgt, run)  # noqa: E731
         for s, t in zip(src_rows, tgt_rows):
-            edited = blockwise(edit, probs[s], probs[t])
+            edited = blockwise(edit, probs[s], probs[t], length=self.length)
             probs[t] = edited * alpha + probs[t] * (1.0 - alpha)
         return probs
 
@@ -170,15 +177,16 @@ class LocalBlend(StepHook):
     threshold: float = 0.3
     dilation: int = 1
     start: float = 0.2
+    level: int = SEMANTIC_LEVEL  # level of the maps: the "16x16" UNet level, or Flux's joint-attention grid
 
     def after_step(self, ctx: StepContext) -> None:
         if ctx.step < int(self.start * ctx.total_steps):
             return
         run = ctx.denoiser.run
-        maps = run.mean_map("cross", SEMANTIC_LEVEL)
+        maps = run.mean_map("cross", self.level)
         if maps is None:
             return
-        grid = run.grids[("cross", SEMANTIC_LEVEL)]
+        grid = run.grids[("cross", self.level)]
         src_rows, tgt_rows = ctx.rows(SOURCE), ctx.rows(TARGET)
         tokens = [list(self.source_tokens) if r == SOURCE else list(self.target_tokens) for r in ctx.roles]
         masks = local_blend_mask(maps, tokens, tuple(ctx.x_next.shape[-2:]), grid, self.threshold, self.dilation)
@@ -213,16 +221,20 @@ def build_controller(source: PromptTokens, target: PromptTokens, lookup: Callabl
                           "Use 'replace' or 'refine' (re-weighting can be combined with both).")
     elif not reweight:
         raise PromptError("mode 'reweight' needs words to re-weight, e.g. `reweight` = \"fluffy=2.0\"")
-    windows = torch.tensor([[0.0, float(cross_replace)]], dtype=torch.float64).repeat(CHUNK, 1)
+    length = target.length
+    if source.length != length:
+        raise PromptError(f"the source prompt was tokenised for a {source.length}-token context and the target for "
+                          f"{length}; tokenise both with the same CLIP.")
+    windows = torch.tensor([[0.0, float(cross_replace)]], dtype=torch.float64).repeat(length, 1)
     for word, frac in cross_words:
         windows[target.find(lookup(word), word, "target prompt")] = torch.tensor([0.0, float(frac)], dtype=torch.float64)
     equalizer = None
     if reweight:
-        equalizer = torch.ones(CHUNK)
+        equalizer = torch.ones(length)
         for word, scale in reweight:
             equalizer[target.find(lookup(word), word, "target prompt")] = float(scale)
     return PromptToPrompt(mode, mapper, alphas, windows, (0.0, float(self_replace)), equalizer, self_min_level,
-                          **extra)
+                          length=length, **extra)
 
 
 def blend_tokens(source: PromptTokens, target: PromptTokens, lookup: Callable[[str], list[int]],
@@ -239,6 +251,8 @@ def blend_tokens(source: PromptTokens, target: PromptTokens, lookup: Callable[[s
             except PromptError:
                 pass
         if not found:
+            hint = (" T5 (Flux) splits a word by its exact spelling: write it with the prompt's case and without glued "
+                    "punctuation." if source.encoder == "t5" else "")
             raise PromptError(f"local blend word {word!r} is in neither prompt (source: {source.readable}; "
-                              f"target: {target.readable}). Use words of the prompts.")
+                              f"target: {target.readable}). Use words of the prompts.{hint}")
     return tuple(sorted(set(src))), tuple(sorted(set(tgt)))

@@ -103,6 +103,8 @@ class RunState:
     context_override: dict[int, torch.Tensor] = field(default_factory=dict)
     compute_labels: frozenset[int] | None = None
     fill: dict[int, torch.Tensor] = field(default_factory=dict)
+    # flow models: the wrapper returns the diffusion model's raw velocity instead of the denoised x0
+    velocity: bool = False
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     # ControlNet / T2I-Adapter outputs reach only the latent rows with these roles (None: every row). MaSaFusion feeds
     # the adapter to its intermediate image only.
@@ -191,6 +193,7 @@ class RunState:
         self._memo.clear()
         self.compute_labels = None
         self.sigma = None
+        self.velocity = False
 
 
 @dataclass
@@ -252,6 +255,9 @@ class Controller:
     # edited attention without forcing materialised probabilities on every call. Its `edit_output` still decides the
     # output.
     EDITS_PROBS_IF_COMPUTED = False
+    # Joint attention (Flux, attention/joint.py): a controller that replaces keys / values of the joint sequence (KV-Edit)
+    # sets this and implements `edit_joint_kv`; it is asked `active` with the call's "self" (image -> image) slice.
+    EDITS_JOINT_KV = False
     # A controller whose maths reads the inversion's own latents in the source rows (CPAM's K_i, V_i of z_i) sets this:
     # the edit sampler then pins the source rows to the inversion latents whatever its `source_branch` says.
     PINS_SOURCE = False
@@ -272,6 +278,10 @@ class Controller:
 
     def edit_output(self, call: AttnCall, out: torch.Tensor) -> torch.Tensor:
         return out
+
+    def edit_joint_kv(self, call: AttnCall, k: torch.Tensor, v: torch.Tensor, text: int):
+        """Joint attention only: (k, v) [R, H, T + N, D] (text tokens first) for every query of the call."""
+        return k, v
 
 
 def dispatch(call: AttnCall, controllers, default_attention) -> torch.Tensor:

@@ -20,20 +20,31 @@ NW_GAP, NW_MATCH, NW_MISMATCH = 0, 1, -1  # scores of the reference aligner (a s
 def _words(tokens: PromptTokens) -> list[list[int]]:
     """Token positions of each word, in order (word ids from ComfyUI's tokenizer)."""
     groups: dict[int, list[int]] = {}
-    for pos, wid in enumerate(tokens.word_ids[:CHUNK]):
+    for pos, wid in enumerate(tokens.word_ids[:tokens.length]):
         if wid > 0:
             groups.setdefault(wid, []).append(pos)
     return [groups[k] for k in sorted(groups)]
 
 
 def _require_single_chunk(tokens: PromptTokens, label: str) -> None:
+    if tokens.encoder == "t5" and tokens.overlong:
+        raise PromptError(f"the {label} {tokens.text!r} has {tokens.last_word_position() + 2} T5 tokens; Prompt-to-Prompt "
+                          f"on Flux needs both prompts within T5's {tokens.length}-token sequence ({tokens.length - 1} "
+                          "tokens and the end token). Shorten it.")
     if tokens.chunks > 1 or tokens.last_word_position() >= CHUNK - 1:
         raise PromptError(f"the {label} {tokens.text!r} is longer than 75 tokens; Prompt-to-Prompt needs both prompts "
                           "within one CLIP chunk. Shorten it.")
 
 
+def _same_length(source: PromptTokens, target: PromptTokens) -> int:
+    if source.length != target.length:
+        raise PromptError(f"the source prompt was tokenised for a {source.length}-token context and the target for "
+                          f"{target.length}; tokenise both with the same CLIP.")
+    return source.length
+
+
 def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tensor:
-    """Word-swap mapper M [77, 77] (rows: source tokens, columns: target tokens).
+    """Word-swap mapper M [L, L] (rows: source tokens, columns: target tokens; L = 77 for CLIP, 256 for Flux's T5).
 
     Unchanged words and swapped words of equal token length map token to token; a swapped word of m source and n
     target tokens gives each of its target tokens 1/n of the sum of the m source tokens (reference code). SOT, EOT and
@@ -53,13 +64,14 @@ def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tens
     """
     _require_single_chunk(source, "source prompt")
     _require_single_chunk(target, "target prompt")
+    length = _same_length(source, target)
     src_words, tgt_words = _words(source), _words(target)
     if len(src_words) != len(tgt_words):
         raise PromptError(
             f"word swap needs prompts with the same number of words: source {source.text!r} has {len(src_words)}, "
             f"target {target.text!r} has {len(tgt_words)}. Use edit mode 'refine' to add or remove words.")
-    mapper = torch.zeros(CHUNK, CHUNK)
-    mapper[0, 0] = 1.0  # SOT
+    mapper = torch.zeros(length, length)
+    mapper[0, 0] = 1.0  # SOT (T5 has none: position 0 is the first word's and is set below)
     for sw, tw in zip(src_words, tgt_words):
         if len(sw) == len(tw):
             mapper[sw, tw] = 1.0
@@ -67,8 +79,8 @@ def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tens
             for j in tw:
                 mapper[sw, j] = 1.0 / len(tw)
     i, j = src_words[-1][-1] + 1 if src_words else 1, tgt_words[-1][-1] + 1 if tgt_words else 1
-    while j < CHUNK:
-        mapper[min(i, CHUNK - 1), j] = 1.0
+    while j < length:
+        mapper[min(i, length - 1), j] = 1.0
         i, j = i + 1, j + 1
     return mapper
 
@@ -110,17 +122,18 @@ def global_align(x: list[int], y: list[int]) -> list[int]:
 
 
 def refinement_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mapper [77] long, alphas [77]) for refinement: target token j reads source token mapper[j] where alphas[j] = 1.
+    """(mapper [L] long, alphas [L]) for refinement: target token j reads source token mapper[j] where alphas[j] = 1.
 
     The alignment runs on the real token ids including SOT and EOT; padding positions map to themselves.
     """
     _require_single_chunk(source, "source prompt")
     _require_single_chunk(target, "target prompt")
+    length = _same_length(source, target)
     x = list(source.ids[: source.last_word_position() + 2])
     y = list(target.ids[: target.last_word_position() + 2])
     aligned = global_align(x, y)
-    mapper = torch.arange(CHUNK)
-    alphas = torch.ones(CHUNK)
+    mapper = torch.arange(length)
+    alphas = torch.ones(length)
     for j, i in enumerate(aligned):
         mapper[j] = i if i >= 0 else 0
         alphas[j] = 1.0 if i >= 0 else 0.0

@@ -27,6 +27,7 @@ class AttentionStore:
     steps: int
     self_maps: dict[int, torch.Tensor] = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    semantic_level: int = SEMANTIC_LEVEL  # the level masks and heat maps read (Flux: layers.FLUX_LEVEL)
 
     def __deepcopy__(self, memo):
         return self
@@ -35,7 +36,9 @@ class AttentionStore:
     def rows(self) -> int:
         return len(self.roles)
 
-    def cross_map(self, level: int = SEMANTIC_LEVEL) -> torch.Tensor:
+    def cross_map(self, level: int | None = None) -> torch.Tensor:
+        """Cross-attention maps [B, h, w, T] at `level` (default: the store's semantic level)."""
+        level = self.semantic_level if level is None else level
         if level not in self.cross:
             raise ValueError(f"this attention store has no cross-attention maps at level {level} "
                              f"(has {sorted(self.cross)}); capture them in the node that made the store")
@@ -49,7 +52,8 @@ class AttentionStore:
 
 
 def store_from_run(run: RunState, prompts: tuple[PromptTokens | None, ...], latent_hw: tuple[int, int],
-                   device: torch.device | str = "cpu", extras: dict | None = None) -> AttentionStore:
+                   device: torch.device | str = "cpu", extras: dict | None = None,
+                   semantic_level: int = SEMANTIC_LEVEL) -> AttentionStore:
     """Freeze the running means of a RunState into an AttentionStore on `device`."""
     cross, self_maps = {}, {}
     for (kind, level), grid in run.grids.items():
@@ -59,7 +63,7 @@ def store_from_run(run: RunState, prompts: tuple[PromptTokens | None, ...], late
         else:
             self_maps[level] = mean
     return AttentionStore(cross, tuple(run.roles), tuple(prompts), latent_hw, run.total_steps, self_maps,
-                          dict(extras or {}))
+                          dict(extras or {}), semantic_level)
 
 
 def merge_stores(stores: list[AttentionStore]) -> AttentionStore:
@@ -70,4 +74,4 @@ def merge_stores(stores: list[AttentionStore]) -> AttentionStore:
     cross = {lv: torch.cat([s.cross[lv] for s in stores]) for lv in first.cross}
     self_maps = {lv: torch.cat([s.self_maps[lv] for s in stores]) for lv in first.self_maps}
     return AttentionStore(cross, sum((s.roles for s in stores), ()), sum((s.prompts for s in stores), ()),
-                          first.latent_hw, first.steps, self_maps, dict(first.extras))
+                          first.latent_hw, first.steps, self_maps, dict(first.extras), first.semantic_level)

@@ -6,6 +6,10 @@ by the user is therefore found by sub-sequence search of its ids, which handles 
 sun flower), case (CLIP lower-cases) and punctuation ("cat," contains the run of "cat"), and works identically for
 SD1.x (clip_l), SD2.x (clip_h) and SDXL (clip_l and clip_g share the same BPE and token positions).
 
+Flux: the attention sees T5-XXL's sequence (ComfyUI comfy/text_encoders/flux.py: sentencepiece pieces, no start token,
+an end token, padded to 256 tokens and longer for longer prompts); clip_l only gives a pooled vector without token
+positions. A Flux CLIP's prompts are therefore tokenised with T5, where a piece starting with "▁" begins a word.
+
 Differences from the P2P reference (`get_word_inds`): that helper compares split words as exact, case-sensitive
 strings and silently returns nothing for "Cat" or "mirror,"; here a word that is not found is an error.
 """
@@ -16,6 +20,8 @@ import re
 from dataclasses import dataclass
 
 CHUNK = 77  # CLIP context length: ComfyUI encodes longer prompts as several 77-token chunks
+T5_LENGTH = 256  # Flux's T5 sequence: T5XXLTokenizer(min_length=256) in ComfyUI comfy/text_encoders/flux.py
+T5_WORD_START = "\u2581"  # sentencepiece's word-boundary mark ("▁") at the start of a word's first piece
 
 
 class PromptError(ValueError):
@@ -31,10 +37,17 @@ class PromptTokens:
     pieces: tuple[str, ...]
     word_ids: tuple[int, ...]
     end_token: int
+    length: int = CHUNK  # tokens one attention context block holds: 77 (a CLIP chunk) or T5's 256 (Flux)
+    encoder: str = "clip"  # "clip" or "t5"
 
     @property
     def chunks(self) -> int:
-        return len(self.ids) // CHUNK
+        return max(len(self.ids) // self.length, 1)
+
+    @property
+    def overlong(self) -> bool:
+        """True when the prompt does not fit one block (CLIP: more than 75 tokens; T5: more than 255 + end)."""
+        return len(self.ids) > self.length or self.last_word_position() >= self.length - 1
 
     @property
     def readable(self) -> str:
@@ -72,8 +85,10 @@ class PromptTokens:
         hits = [i for i in range(len(self.ids) - n + 1)
                 if list(self.ids[i:i + n]) == word_ids and all(w > 0 for w in self.word_ids[i:i + n])]
         if not hits:
+            hint = (" T5 (Flux) splits a word by its exact spelling in the prompt: give the word as the prompt writes "
+                    "it, with its case and without glued punctuation." if self.encoder == "t5" else "")
             raise PromptError(f"the word {word!r} is not in the {label} {self.text!r}; its tokens are: "
-                              f"{self.readable}. Use a word of that prompt (or fix the prompt).")
+                              f"{self.readable}. Use a word of that prompt (or fix the prompt).{hint}")
         return [i + k for i in hits for k in range(n)]
 
 
@@ -89,6 +104,16 @@ def split_words(spec: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- CLIP (duck-typed)
+def _t5_tokenizer(clip):
+    """Flux's T5 sub-tokenizer (ComfyUI FluxTokenizer.t5xxl), or None for CLIP-only text encoders and for SD3's
+    SD3Tokenizer (clip_l, clip_g and t5xxl: its context starts with the 77 clip_l / clip_g tokens, whose positions
+    are the CLIP ones, so SD3 prompts are tokenised as CLIP prompts; docs/flux.md, SD3)."""
+    tok = clip.tokenizer
+    if not hasattr(tok, "clip_l") or hasattr(tok, "clip_g"):
+        return None
+    return getattr(tok, "t5xxl", None)
+
+
 def _sub_tokenizer(clip):
     tok = clip.tokenizer
     for name in ("clip_l", "clip_h", "clip_g"):
@@ -122,8 +147,37 @@ def word_ids_from_pieces(ids: list[int], raw_pieces: list[str], start: int, end:
     return out
 
 
+def t5_word_ids(raw_pieces: list[str], ids: list[int], end: int, pad: int) -> list[int]:
+    """1-based word index of every T5 token, 0 for the end token and padding.
+
+    A sentencepiece piece that starts with "▁" begins a word; the pieces after it without the mark (the rest of a
+    split word, glued punctuation) belong to the same word.
+    """
+    out, word = [], 0
+    for token, piece in zip(ids, raw_pieces):
+        if token in (end, pad):
+            out.append(0)
+            continue
+        if piece.startswith(T5_WORD_START) or word == 0:
+            word += 1
+        out.append(word)
+    return out
+
+
+def _tokenize_t5(clip, text: str) -> PromptTokens:
+    sub = _t5_tokenizer(clip)
+    ids = [int(item[0]) if isinstance(item[0], int) else -1 for chunk in clip.tokenize(text)["t5xxl"] for item in chunk]
+    raw = [sub.inv_vocab.get(i, "<emb>") for i in ids]
+    end, pad = int(sub.end_token), int(getattr(sub, "pad_token", 0))
+    pieces = tuple(p.replace(T5_WORD_START, "") for p in raw)
+    return PromptTokens(text, tuple(ids), pieces, tuple(t5_word_ids(raw, ids, end, pad)), end,
+                        length=max(int(getattr(sub, "min_length", T5_LENGTH) or T5_LENGTH), 1), encoder="t5")
+
+
 def tokenize_prompt(clip, text: str) -> PromptTokens:
-    """PromptTokens of `text` exactly as `clip.tokenize` (and so CLIPTextEncode) produces them."""
+    """PromptTokens of `text` exactly as `clip.tokenize` (and so CLIPTextEncode) produces them (T5 for Flux)."""
+    if _t5_tokenizer(clip) is not None:
+        return _tokenize_t5(clip, text)
     batches = clip.tokenize(text)
     key = next((k for k in ("l", "h", "g") if k in batches), next(iter(batches)))
     sub = _sub_tokenizer(clip)
@@ -136,8 +190,8 @@ def tokenize_prompt(clip, text: str) -> PromptTokens:
 
 
 def word_token_ids(clip, word: str) -> list[int]:
-    """Ids of `word` tokenised alone, word by word as ComfyUI does (multi-word phrases allowed)."""
-    sub = _sub_tokenizer(clip)
+    """Ids of `word` tokenised alone, word by word as ComfyUI does (multi-word phrases allowed; T5 for Flux)."""
+    sub = _t5_tokenizer(clip) or _sub_tokenizer(clip)
     start = getattr(sub, "tokens_start", 1)
     ids: list[int] = []
     for piece in clean_word(word).split():

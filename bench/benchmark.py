@@ -4,6 +4,7 @@
     .venv/bin/python bench/benchmark.py --mode gpu --family sdxl   # full-size SDXL at 1024 px
     .venv/bin/python bench/benchmark.py --mode cpu                 # tiny models on CPU (what the test suite runs)
     .venv/bin/python bench/benchmark.py --mode cpu --family sdxl   # tiny SDXL-shaped model on CPU
+    .venv/bin/python bench/benchmark.py --mode cpu --family flux   # tiny Flux (ComfyUI 0.3.x only; CPU only so far)
     .venv/bin/python bench/benchmark.py --mode cpu --full --size 128 --steps 2 --cheap   # full-size SD1.5 on CPU
 
 GPU smoke run (do this first when a GPU is lent; ~2-3 min for SD1.5): every chain once at 4 steps with the cheap
@@ -270,8 +271,8 @@ class PassCounter:
 def text_encoder_modules(clip) -> list[torch.nn.Module]:
     """The per-encoder modules of a ComfyUI CLIP (clip_l / clip_g / clip_h): one forward each per text encode."""
     model = clip.cond_stage_model
-    subs = [getattr(model, n) for n in ("clip_l", "clip_h", "clip_g") if isinstance(getattr(model, n, None),
-                                                                                   torch.nn.Module)]
+    subs = [getattr(model, n) for n in ("clip_l", "clip_h", "clip_g", "t5xxl") if isinstance(getattr(model, n, None),
+                                                                                             torch.nn.Module)]
     return subs or [model]
 
 
@@ -413,6 +414,9 @@ def build_models(family: str, full: bool, device: torch.device, dtype: torch.dty
     if family == "sdxl":
         model, clip = tiny_families.make_sdxl(0)
         return {"model": model, "clip": clip, "vae": tiny_models.make_vae(2)}
+    if family == "flux":
+        model, clip = tiny_families.make_flux(0, qk_scale=1.0)
+        return {"model": model, "clip": clip, "vae": tiny_families.make_flux_vae(2)}
     with torch.inference_mode():
         return {"model": tiny_models.make_model(0), "clip": tiny_models.make_clip(1), "vae": tiny_models.make_vae(2),
                 "inpaint_model": tiny_models.make_inpaint_model(3), "adapter": tiny_models.make_t2i_adapter(4)}
@@ -445,9 +449,11 @@ def plain_ksampler(ctx: BenchContext) -> None:
 
     pos = call("CLIPTextEncode", text=TARGET, clip=ctx.clip)[0]
     neg = call("CLIPTextEncode", text="", clip=ctx.clip)[0]
-    latent = {"samples": torch.zeros(1, 4, ctx.image.shape[1] // 8, ctx.image.shape[2] // 8)}
+    flux = ctx.family == "flux"  # Flux-dev: 16 latent channels, cfg 1 (guidance embedding), simple schedule
+    latent = {"samples": torch.zeros(1, 16 if flux else 4, ctx.image.shape[1] // 8, ctx.image.shape[2] // 8)}
     with torch.inference_mode():
-        nodes.KSampler().sample(ctx.model, 0, ctx.steps, CFG, "euler", "ddim_uniform", pos, neg, latent, 1.0)
+        nodes.KSampler().sample(ctx.model, 0, ctx.steps, 1.0 if flux else CFG, "euler",
+                                "simple" if flux else "ddim_uniform", pos, neg, latent, 1.0)
 
 
 def invert(ctx: BenchContext, method: str, key: str | None = None, cfg: float = CFG) -> dict:
@@ -459,12 +465,12 @@ def invert(ctx: BenchContext, method: str, key: str | None = None, cfg: float = 
         out[0].extras.get("null_text_iterations", [0]))}
 
 
-def cached(key: str, method: str) -> Callable[[BenchContext], None]:
+def cached(key: str, method: str, cfg: float = CFG) -> Callable[[BenchContext], None]:
     """prepare(): the inversion a user already has (ComfyUI caches Invert Image when only the edit changes)."""
 
     def prepare(ctx: BenchContext) -> None:
         if key not in ctx.cache:
-            invert(ctx, method, key)
+            invert(ctx, method, key, cfg)
 
     return prepare
 
@@ -564,9 +570,33 @@ def mask_from_attention(ctx: BenchContext) -> None:
     call("AttnEditMaskFromAttention", attention=details["attention"], mode="instant", image=ctx.image)
 
 
+# Flux (workflows 30-32): flow inversion at cfg 1, edits on the joint attention
+FLUX_TARGET = "a photo of a dog sitting on a sofa"
+
+
+def flux_p2p(ctx: BenchContext) -> None:
+    model = call("AttnEditAttentionHook", model=ctx.model, clip=ctx.clip, source_prompt=SOURCE,
+                 target_prompt=FLUX_TARGET, mode="replace", cross_replace=0.8, self_replace=0.4,
+                 local_blend="cat, dog")[0]
+    call("AttnEditEditSampler", model=model, inversion=ctx.cache["rf_solver"])
+
+
+def flux_mask(ctx: BenchContext) -> None:
+    details = invert(ctx, "flow_euler", cfg=1.0)
+    call("AttnEditMaskFromAttention", attention=details["attention"], mode="local blend", words="cat",
+         image=ctx.image)
+
+
+def flux_cpam(ctx: BenchContext) -> None:
+    inversion = ctx.cache["rf_solver"]
+    model = call("AttnEditCPAMSelfAttn", model=ctx.model, inversion=inversion, clip=ctx.clip, source_mask=ctx.mask,
+                 target_prompt=FLUX_TARGET, strategy="replace object")[0]
+    call("AttnEditEditSampler", model=model, inversion=inversion, source_branch="pin to inversion")
+
+
 NT_PAPER = "NTI ~60 s (Mokady et al., A100)"
 WORKFLOWS = [
-    Workflow("plain KSampler (baseline)", plain_ksampler, families=("sd15", "sdxl")),
+    Workflow("plain KSampler (baseline)", plain_ksampler, families=("sd15", "sdxl", "flux")),
     Workflow("DDIM inversion", lambda ctx: invert(ctx, "ddim"), {"sd15": 2.0}),
     Workflow("null-text inversion", lambda ctx: invert(ctx, "null_text", "null_text"), {"sd15": 15.0, "sdxl": 40.0},
              NT_PAPER, ("sd15", "sdxl")),
@@ -587,6 +617,13 @@ WORKFLOWS = [
              "184.2 s (Li et al., V100)", prepare=fusion_hint),
     Workflow("EmbCtrl edit (cached inversion)", embctrl, prepare=cached("null_text", "null_text")),
     Workflow("mask from attention (incl. DDIM inversion)", mask_from_attention),
+    Workflow("Flux RF-Solver inversion", lambda ctx: invert(ctx, "rf_solver", "rf_solver", cfg=1.0),
+             families=("flux",)),
+    Workflow("Flux P2P word swap + local blend (cached inversion)", flux_p2p, families=("flux",),
+             prepare=cached("rf_solver", "rf_solver", 1.0)),
+    Workflow("Flux mask from attention (incl. flow_euler inversion)", flux_mask, families=("flux",)),
+    Workflow("Flux CPAM background kept (cached inversion)", flux_cpam, families=("flux",),
+             prepare=cached("rf_solver", "rf_solver", 1.0)),
 ]
 BASELINE = WORKFLOWS[0]
 
@@ -713,7 +750,8 @@ def table(results: list[Result], family: str, gpu: bool) -> list[str]:
         else:
             second = f"{r.cpu_seconds:.2f}"
             extra = (f" {estimate_seconds(c, family, r.launch_factor):.1f} |"
-                     f" {estimate_seconds(c, family, graph=True):.1f} |")
+                     f" {estimate_seconds(c, family, graph=True):.1f} |") if family in ESTIMATE else \
+                " - | - |"  # Flux: no measured H100 per-pass costs to base an estimate on yet
             if ops:
                 per = "-" if r.ops_per_forward is None else f"{r.ops_per_forward:.0f}"
                 extra = f" {per} | {r.scalar_reads if r.scalar_reads is not None else '-'} |" + extra
@@ -731,8 +769,9 @@ def section_text(env: dict, args, family_label: str, size: int, settings: Settin
     cheap = " --cheap (capped inner iterations)" if args.cheap else ""
     if args.count_ops and args.runs == 1 and args.warmup == 0:
         cheap += " (the timed run also counted ops: its times include that overhead)"
+    guidance = "cfg 1, Flux guidance 3.5, flow solvers" if family == "flux" else f"CFG {CFG:g}"
     head = [f"{env['device']}; torch {env['torch']}; ComfyUI {env['comfyui']}; Python {env['python']}.",
-            f"{family_label} at {size} px, {settings.steps} steps, CFG {CFG:g}{cheap}; time = median of {args.runs} "
+            f"{family_label} at {size} px, {settings.steps} steps, {guidance}{cheap}; time = median of {args.runs} "
             f"run(s) after {args.warmup} warm-up(s). Command: `python bench/benchmark.py {command(args.argv)}`", ""]
     return "\n".join(head + table(results, family, gpu)) + "\n"
 
@@ -771,7 +810,7 @@ def write_section(path: str, section: str, body: str) -> None:
 def parse(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("cpu", "gpu"), default=None, help="default: gpu when CUDA is available")
-    p.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    p.add_argument("--family", choices=("sd15", "sdxl", "flux"), default="sd15")
     p.add_argument("--full", action="store_true", help="cpu mode: full-size architecture (float32) instead of tiny")
     p.add_argument("--size", type=int, default=None, help="image size (default 512 SD1.5 / 1024 SDXL, 128 tiny)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50 on GPU, 4 on CPU)")
@@ -810,6 +849,8 @@ def run(argv: list[str]) -> list[Result]:
         raise SystemExit("--mode gpu needs a CUDA device")
     full = gpu or args.full
     family = args.family
+    if family == "flux" and full:
+        raise SystemExit("--family flux runs the tiny Flux on the CPU only so far (no full-size Flux build)")
     size = args.size or ((1024 if family == "sdxl" else 512) if full else tiny_models.SMOKE_IMAGE_SIZE)
     steps = args.steps or (PAPER_STEPS if gpu else 4)
     settings = Settings.cheap(steps) if args.cheap else Settings(steps)
@@ -840,7 +881,7 @@ def run(argv: list[str]) -> list[Result]:
         r.cpu_ratio = r.seconds / base.seconds
         if r.ops_per_forward is not None and base.ops_per_forward:
             r.launch_factor = max(1.0, r.ops_per_forward / base.ops_per_forward)
-    label = {"sd15": "SD1.5", "sdxl": "SDXL"}[family]
+    label = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}[family]
     if gpu:
         section, family_label = f"gpu-{family}", f"full-size {label} (random weights, fp16)"
     elif full:

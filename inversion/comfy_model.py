@@ -23,7 +23,16 @@ from ..attention.run import RunState
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")  # UNet families: every technique
+# rectified-flow DiT families: inversion, edit sampler, P2P, attention maps (docs/flux.md; SD3 / SD3.5: its section)
+FLOW_FAMILIES = ("flux", "sd3")
+INVERTIBLE_FAMILIES = SUPPORTED_FAMILIES + FLOW_FAMILIES
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3 / SD3.5"}
+# The sampler maths a family needs, from ComfyUI's model_sampling class (comfy/model_sampling.py): EPS (eps
+# prediction), V_PREDICTION (v prediction) -- both run DDIM on the implied eps -- or CONST (rectified flow: the model
+# predicts the velocity v, x_sigma = (1 - sigma) x0 + sigma noise, denoised = x - sigma v).
+SAMPLER_MATHS = ("eps", "v", "flow")
+FLUX_DEFAULT_GUIDANCE = 3.5  # Flux-dev's guidance embedding default (ComfyUI FluxGuidance / model_base.Flux)
 
 
 class UnsupportedModelError(ValueError):
@@ -40,7 +49,7 @@ class TextEncoderMismatchError(ValueError):
 
 
 # embedding widths of the supported families' text encoders, to name the family a wrong CLIP belongs to
-CONTEXT_WIDTH_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+CONTEXT_WIDTH_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 4096: "Flux / SD3 T5-XXL"}
 
 
 # ------------------------------------------------------------------------------------------------ host services
@@ -86,11 +95,13 @@ class Progress:
 
 # ------------------------------------------------------------------------------------------------ model facts
 def model_family(model) -> str:
-    """"sd1", "sd2", "sdxl" or the host's config class name (e.g. "Flux", "SD3") for other models."""
+    """"sd1", "sd2", "sdxl", "flux" (ComfyUI 0.3.x: Flux-dev, Schnell, Fill and their subclasses), "sd3" (ComfyUI 0.3.x
+    SD3 config: SD3 medium, SD3.5 medium / large / large turbo) or the host's config class name for other models."""
     import comfy.supported_models as sm
 
     config = getattr(model.model, "model_config", None)
-    for family, classes in (("sdxl", ("SDXL", "SDXLRefiner")), ("sd2", ("SD20",)), ("sd1", ("SD15",))):
+    for family, classes in (("sdxl", ("SDXL", "SDXLRefiner")), ("sd2", ("SD20",)), ("sd1", ("SD15",)),
+                            ("flux", ("Flux",)), ("sd3", ("SD3",))):
         for name in classes:
             cls = getattr(sm, name, None)
             if cls is not None and isinstance(config, cls):
@@ -99,14 +110,66 @@ def model_family(model) -> str:
 
 
 def require_family(model, technique: str, families: tuple[str, ...] = SUPPORTED_FAMILIES) -> str:
-    """The model family, or an UnsupportedModelError naming the technique, the model and what is supported."""
+    """The model family, or an UnsupportedModelError naming the technique, the model and what is supported.
+
+    UNet families must have attention sites; flow families (Flux) are accepted only where `families` lists them."""
     family = model_family(model)
-    if family not in families or not hooks.unet_sites(model):
-        names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+    unets = [f for f in families if f in SUPPORTED_FAMILIES]
+    flows = [f for f in families if f in FLOW_FAMILIES]
+    ok = family in flows or (family in unets and hooks.unet_sites(model))
+    if not ok:
+        also = f" and {', '.join(FAMILY_NAMES[f] for f in flows)} (ComfyUI 0.3.x)" if flows else ""
+        load = "an SD1.5, SD2.x or SDXL checkpoint" + (f" or a {FAMILY_NAMES[flows[0]]} model" if flows else "")
         raise UnsupportedModelError(
-            f"{technique} supports {', '.join(names.get(f, f) for f in families)} UNet models; the connected MODEL is "
-            f"{family}. Load an SD1.5, SD2.x or SDXL checkpoint for this node.")
+            f"{technique} supports {', '.join(FAMILY_NAMES.get(f, f) for f in unets)} UNet models{also}; the "
+            f"connected MODEL is {FAMILY_NAMES.get(family, family)}. Load {load} for this node"
+            + ("." if flows or family not in FLOW_FAMILIES else
+               f" (on {FAMILY_NAMES[family]} the pack does inversion, the edit sampler, Prompt-to-Prompt, attention maps and CPAM's "
+               "background preservation so far, see docs/flux.md)."))
     return family
+
+
+def sampler_maths(model) -> str:
+    """Which sampler maths the MODEL needs (SAMPLER_MATHS): "flow" for ComfyUI's CONST model sampling (Flux, SD3),
+    "v" for v-prediction, "eps" otherwise. Reads the model_sampling object in use (ModelSampling* patches honoured)."""
+    import comfy.model_sampling as ms
+
+    sampling = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") else \
+        model.model.model_sampling
+    const = getattr(ms, "CONST", None)  # the 2024-03 host has no flow sampling
+    if const is not None and isinstance(sampling, const):
+        return "flow"
+    if isinstance(sampling, ms.V_PREDICTION):
+        return "v"
+    return "eps"
+
+
+def is_flow(model) -> bool:
+    """True for rectified-flow models (CONST sampling: the model predicts a velocity)."""
+    return sampler_maths(model) == "flow"
+
+
+def guidance_embedded(model) -> bool:
+    """True when the model takes a guidance value as an input embedding (Flux-dev; not Schnell, not UNets)."""
+    config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+    return bool(config.get("guidance_embed", False))
+
+
+def with_guidance(model, conditioning: list, guidance: float) -> list:
+    """`conditioning` with Flux's guidance value set on every entry, as core FluxGuidance does
+    (node_helpers.conditioning_set_values(c, {"guidance": g})); unchanged for models without a guidance embedding."""
+    if not guidance_embedded(model):
+        return conditioning
+    return [[entry[0], {**entry[1], "guidance": float(guidance)}] for entry in conditioning]
+
+
+def semantic_level(model) -> int:
+    """Level of the attention maps the pack's masks and heat maps read: the UNets' "16x16" level
+    (layers.SEMANTIC_LEVEL) or, on Flux, the joint attention's image-token grid (layers.FLUX_LEVEL: every Flux block
+    attends at latent/2, and every block is averaged, as DAAM averages every UNet layer)."""
+    from ..attention.layers import FLUX_LEVEL, SEMANTIC_LEVEL
+
+    return FLUX_LEVEL if hooks.is_joint(model) else SEMANTIC_LEVEL
 
 
 def count_sites(model, kind: str, level: int) -> int:
@@ -140,7 +203,7 @@ def check_latent_size(model, height: int, width: int, what: str, scale: int = 8)
     image of that many cells times `scale` px) is smaller than the UNet can denoise (min_latent_side)."""
     side = min_latent_side(model)
     if height < side or width < side:
-        family = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(model_family(model), model_family(model))
+        family = FAMILY_NAMES.get(model_family(model), model_family(model))
         raise InputSizeError(
             f"{what} is {width * scale}x{height * scale} px ({width}x{height} latent cells); this {family} MODEL "
             f"needs at least {side * scale}x{side * scale} px ({side}x{side} cells, one per UNet level). Use a larger "
@@ -150,7 +213,8 @@ def check_latent_size(model, height: int, width: int, what: str, scale: int = 8)
 def context_width(model) -> int | None:
     """Width E of the cross-attention context the UNet takes (768 SD1.x, 1024 SD2.x, 2048 SDXL); None if unknown."""
     config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
-    width = config.get("context_dim")
+    embedder = (config.get("context_embedder_config") or {}).get("params", {})  # SD3's MMDiT: Linear(4096, hidden)
+    width = config.get("context_dim") or config.get("context_in_dim") or embedder.get("in_features")
     if width:
         return int(width)
     crosses = [m for m in model.model.modules() if type(m).__name__ == "CrossAttention" and hasattr(m, "to_k")
@@ -172,10 +236,9 @@ def check_text_width(model, conditioning, what: str) -> None:
         got = int(tensor.shape[-1])
         if got != expected:
             family = model_family(model)
-            names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
             other = CONTEXT_WIDTH_FAMILIES.get(got, "another model's")
             raise TextEncoderMismatchError(
-                f"{what} comes from a text encoder of width {got} ({other} CLIP) but this {names.get(family, family)} "
+                f"{what} comes from a text encoder of width {got} ({other} CLIP) but this {FAMILY_NAMES.get(family, family)} "
                 f"MODEL takes text embeddings of width {expected}; connect the CLIP of the same checkpoint as the "
                 "MODEL (e.g. the CLIP output of the Load Checkpoint node that gives this MODEL).")
 
@@ -315,11 +378,16 @@ class ComfyDenoiser:
         return self.model_k.inner_model.inner_model
 
     def __call__(self, x: torch.Tensor, sigma: float, *, context: dict | None = None,
-                 labels: frozenset | None = None, fill: dict | None = None) -> torch.Tensor:
+                 labels: frozenset | None = None, fill: dict | None = None, velocity: bool = False) -> torch.Tensor:
+        """CFG-combined x0 prediction; with `velocity` (flow models only) the CFG-combined raw velocity v instead,
+        exact at every sigma including 0, where x0 = x - sigma * v does not determine v (every chunk is computed)."""
+        if velocity and labels is not None:
+            raise ValueError("a velocity read computes every CFG chunk; `labels` cannot be combined with it")
         run = self.run
         run.context_override = dict(context or {})
         run.compute_labels = labels
         run.fill = dict(fill or {})
+        run.velocity = velocity
         # the value the host's sigma tensor holds (x.dtype), known here without reading the device tensor back
         run.sigma = float(torch.tensor(float(sigma), dtype=x.dtype))
         try:
@@ -327,6 +395,7 @@ class ComfyDenoiser:
             return self.model_k(x, sigma_in, **self.extra_args)
         finally:
             run.context_override, run.compute_labels, run.fill, run.sigma = {}, None, {}, None
+            run.velocity = False
 
     def outputs(self, label: int) -> torch.Tensor | None:
         return self.run.outputs.get(label)
@@ -352,8 +421,13 @@ def run_sampler(model, positive: list, negative: list, latent: torch.Tensor, sig
     hooks.install_dispatch(clone)
     hooks.attach_run(clone, run)
     box: dict[str, Any] = {}
+    # CONST noise scaling hands the sampler sigma_0 * noise + (1 - sigma_0) * latent (0 at sigma_0 = 1): flow
+    # algorithms get the model-space latent itself (process_latent_in, as the host applies to latent_image)
+    start = model.model.process_latent_in(latent.float()) if is_flow(model) else None
 
     def attnedit_sampler(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None, **kwargs):
+        if start is not None:
+            x = start.to(x)
         denoiser = ComfyDenoiser(model_k, extra_args or {}, run)
         with gradients(denoiser.base_model) if grad else nullcontext():
             box["result"] = algorithm(denoiser, x)

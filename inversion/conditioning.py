@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 # SDXL's size conditioning (ComfyUI CLIPTextEncodeSDXL options; absent = the image size, no crop)
 SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+# Flux's guidance embedding value (core FluxGuidance): like the size conditioning, one value for the whole batch
+GUIDANCE_KEY = "guidance"
 
 
 class ConditioningError(ValueError):
@@ -67,6 +69,7 @@ def stack_conditioning(conds: list[list], names: list[str], image_hw: tuple[int,
         options.pop(key, None)
         if key in first:
             options[key] = first[key]
+    _first_guidance(options, [o for _, o in entries], names)
     if image_hw is not None:
         used = size_conditioning(first, image_hw)
         for (_, opts), name in zip(entries[1:], names[1:]):
@@ -79,6 +82,20 @@ def stack_conditioning(conds: list[list], names: list[str], image_hw: tuple[int,
     if all(p is not None for p in pooled):
         options["pooled_output"] = torch.cat(pooled)
     return [[tensor, options]]
+
+
+def _first_guidance(options: dict, entries: list[dict], names: list[str]) -> None:
+    """Give `options` the first entry's guidance value (the inversion's: its branch must see what the inversion saw);
+    log when a later entry asked for another value, which cannot apply to one batch."""
+    options.pop(GUIDANCE_KEY, None)
+    if GUIDANCE_KEY not in entries[0]:
+        return
+    options[GUIDANCE_KEY] = entries[0][GUIDANCE_KEY]
+    for opts, name in zip(entries[1:], names[1:]):
+        if GUIDANCE_KEY in opts and opts[GUIDANCE_KEY] != entries[0][GUIDANCE_KEY]:
+            log.warning("Attention Edit: `%s` asks for Flux guidance %s; every branch is sampled in one batch with the "
+                        "inversion's guidance %s, so it is not applied. Set the same value on Invert Image's "
+                        "`guidance`.", name, opts[GUIDANCE_KEY], entries[0][GUIDANCE_KEY])
 
 
 def context_of(cond: list, name: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from .conditioning import repeat_tokens
 from .ddim import ddim_step
+from .flow import Solver, denoised_from_velocity
 
 
 class Denoiser(Protocol):
@@ -25,7 +26,8 @@ class Denoiser(Protocol):
     run: Any
 
     def __call__(self, x: torch.Tensor, sigma: float, *, context: dict | None = None,
-                 labels: frozenset | None = None, fill: dict | None = None) -> torch.Tensor: ...
+                 labels: frozenset | None = None, fill: dict | None = None, velocity: bool = False
+                 ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -117,9 +119,12 @@ def step_context(source: SourceBranch, step: int, roles: Sequence[str], target_c
 def edit(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, roles: Sequence[str], source: SourceBranch,
          hooks: Sequence[StepHook] = (), target_context: torch.Tensor | None = None,
          on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None, *, image: int = 0,
-         on_units: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+         on_units: Callable[[int], None] | None = None, solver: Solver | None = None) -> tuple[torch.Tensor, dict]:
     """Run the lock-step DDIM loop over all rows of `x` [B, C, h, w]; returns (final latents [B, C, h, w], the
     hooks' shared state dict).
+
+    `solver` (flow models): a flow.py step that integrates the flow ODE on the model's velocity instead of DDIM; the
+    hooks then see the x0 estimate x - sigma * v at the step's start as `denoised`.
 
     `target_context` [B, T, E] is the conditional context of every row (needed only with per-step source tokens).
     `image` is the index of this image in its batch and `on_units` the progress callback, both handed to hooks.
@@ -133,9 +138,15 @@ def edit(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, roles: Seque
                           source.latents, state=state, image=image, progress=on_units)
         for hook in hooks:
             hook.before_step(ctx)
-        with torch.no_grad():  # hooks that need gradients (MAG-Edit) enable them themselves
-            denoised = denoiser(ctx.x, ctx.sigma, context=ctx.context)
-        x_next = ddim_step(ctx.x, denoised, ctx.sigma, ctx.sigma_next)
+        if solver is None:
+            with torch.no_grad():  # hooks that need gradients (MAG-Edit) enable them themselves
+                denoised = denoiser(ctx.x, ctx.sigma, context=ctx.context)
+            x_next = ddim_step(ctx.x, denoised, ctx.sigma, ctx.sigma_next)
+        else:
+            with torch.no_grad():
+                x_next, v = solver(lambda z, s, c=ctx.context: denoiser(z, s, context=c, velocity=True), ctx.x,
+                                   ctx.sigma, ctx.sigma_next)
+            denoised = denoised_from_velocity(ctx.x, v, ctx.sigma)
         if src_rows and source.pin:
             x_next[src_rows] = source.latents[i + 1].to(x_next)
         elif src_rows and source.offsets is not None:

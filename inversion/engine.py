@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.run import CaptureSpec, RunState
-from . import comfy_model, ddim, direct, edit, null_text
+from . import comfy_model, ddim, direct, edit, flow, null_text
 from .conditioning import context_of, stack_conditioning
+from .trajectory import FLOW_METHODS
 
 DDIM_CFG = 1.0  # the inversion pass itself is conditional-only (guidance 1), as in every reference implementation
 
@@ -57,6 +58,39 @@ def _sample_back(model, source, negative, latent, sigmas, cfg, x_T, progress, co
     def algorithm(den, x):
         step = lambda z, s: den(z, s, context=context)  # noqa: E731
         return ddim.sample(step, x_T.to(x).unsqueeze(0), sigmas, on_step=lambda i, xn, d: progress(1, d))
+
+    return comfy_model.run_sampler(model, source, negative, latent, sigmas, cfg, algorithm, run)[0]
+
+
+def _flow_velocity(den, context=None) -> flow.Velocity:
+    """The CFG-combined velocity of a flow model through the denoiser."""
+    return lambda z, s: den(z, s, context=context, velocity=True)
+
+
+def _flow_inversion_pass(model, source, negative, latent, sigmas, method, capture, progress
+                         ) -> tuple[torch.Tensor, RunState]:
+    """Flow-ODE inversion of ONE image with `method`'s solver (conditional, guidance 1, as the DDIM pass)."""
+    run = RunState(sigmas, ("source",), capture=capture)
+    solver = flow.solver_of(method)
+    box: dict = {}
+
+    def algorithm(den, x):
+        latents = flow.invert(_flow_velocity(den), x, sigmas, solver, on_step=lambda i: progress(1, None))
+        box["captured"] = run.captured()
+        return latents
+
+    latents = comfy_model.run_sampler(model, source, negative, latent, sigmas, DDIM_CFG, algorithm, run)
+    return latents[:, 0], box["captured"]
+
+
+def _flow_sample_back(model, source, negative, latent, sigmas, cfg, method, x_T, progress) -> torch.Tensor:
+    """Reconstruct by integrating the flow ODE down from x_T with the inversion's solver."""
+    run = RunState(sigmas, ("source",))
+    solver = flow.solver_of(method)
+
+    def algorithm(den, x):
+        return flow.sample(_flow_velocity(den), x_T.to(x).unsqueeze(0), sigmas, solver,
+                           on_step=lambda i, xn, d: progress(1, d))
 
     return comfy_model.run_sampler(model, source, negative, latent, sigmas, cfg, algorithm, run)[0]
 
@@ -111,6 +145,11 @@ def invert_image(model, source: list, negative: list, latent: torch.Tensor, sigm
                  cfg: float, *, inner_steps: int = null_text.NULL_TEXT_INNER_STEPS, capture: CaptureSpec | None = None,
                  progress: Callable[[int, torch.Tensor | None], None] = lambda n, x0: None) -> ImageInversion:
     """Invert ONE image (raw latent [1, C, h, w]) with `method` (trajectory.METHODS)."""
+    if method in FLOW_METHODS:
+        latents, run = _flow_inversion_pass(model, source, negative, latent, sigmas, method,
+                                            capture or CaptureSpec(), progress)
+        recon = _flow_sample_back(model, source, negative, latent, sigmas, cfg, method, latents[0], progress)
+        return ImageInversion(latents, recon, run=run)
     latents, run = _ddim_pass(model, source, negative, latent, sigmas, capture or CaptureSpec(), progress)
     steps = len(sigmas) - 1
     if method == "null_text":
@@ -150,6 +189,8 @@ def edit_image(model, trajectory, image: int, target: list, hooks: Sequence[edit
     sigmas = trajectory.sigmas
     run = RunState(sigmas, roles, capture=capture or CaptureSpec(), image=image)
     latent = torch.zeros((2, *trajectory.latents.shape[2:]))
+    # flow inversions: the branches integrate the flow ODE with the inversion's solver; UNets: DDIM (solver None)
+    solver = flow.solver_of(trajectory.method) if trajectory.method in FLOW_METHODS else None
     box: dict = {}
 
     def pick(t):
@@ -162,7 +203,7 @@ def edit_image(model, trajectory, image: int, target: list, hooks: Sequence[edit
         x_T = branch.latents[0]
         out, state = edit.edit(den, torch.stack([x_T, x_T]), sigmas, roles, branch, hooks,
                                positive[0][0].to(x).clone(), lambda i, x_next, d: progress(1, d[1:]), image=image,
-                               on_units=lambda n: progress(n, None))
+                               on_units=lambda n: progress(n, None), solver=solver)
         box["captured"], box["state"] = run.captured(), state
         return out
 

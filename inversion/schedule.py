@@ -38,3 +38,16 @@ def alpha_bar(sigma: torch.Tensor | float) -> torch.Tensor:
 def to_vp(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """Model-space latent at level sigma -> the DDPM latent z_t the UNet sees: x / sqrt(1 + sigma^2)."""
     return x / (1.0 + float(sigma) ** 2) ** 0.5
+
+
+def flow_sigmas(sigma_table: torch.Tensor, steps: int) -> torch.Tensor:
+    """Descending sigmas [S+1] for a flow model (Flux): ComfyUI's "simple" scheduler over model_sampling.sigmas
+    (comfy/samplers.py simple_scheduler, the scheduler of the Flux example workflows), ending in 0.
+
+    sigma_i = table[-(1 + int(i * len(table) / S))] for i < S; for Flux the first entry is 1 (pure noise)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    table = sigma_table.detach().float().cpu()
+    stride = len(table) / steps
+    sig = torch.stack([table[-(1 + int(i * stride))] for i in range(steps)])
+    return torch.cat([sig, sig.new_zeros(1)])

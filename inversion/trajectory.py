@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-METHODS = ("ddim", "null_text", "direct", "negative_prompt", "ddim_null_prompt")
+UNET_METHODS = ("ddim", "null_text", "direct", "negative_prompt", "ddim_null_prompt")  # eps / v UNets (DDIM maths)
+FLOW_METHODS = ("flow_euler", "rf_solver")  # rectified-flow models (Flux): inversion/flow.py
+METHODS = UNET_METHODS + FLOW_METHODS
 # DDIM inversion guided by the null text alone (no source prompt; CPAM Sec. 4.1 and its author's code): the inversion and
 # the edit's source rows hear the negative prompt (empty = the null text) in both CFG halves.
 NULL_PROMPT_DDIM = "ddim_null_prompt"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.dpl import noun_maps
-from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL, semantic_grid
+from ..attention.layers import SELF_LEVEL_DPL, semantic_grid
 from ..attention.store import AttentionStore
 from ..attention.tokens import PromptError, PromptTokens
 from . import background, instant, local_blend
@@ -78,7 +78,7 @@ def word_positions(prompt: PromptTokens, words: tuple[str, ...], label: str) -> 
 
 def mask_of_row(store: AttentionStore, row: int, settings: MaskSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [h, w] on the store's latent grid in {0, 1}, heat map [h', w'] in [0, 1] it came from) for one row."""
-    maps = store.cross_map(SEMANTIC_LEVEL)[row].float()  # [h', w', T]
+    maps = store.cross_map()[row].float()  # [h', w', T] at the store's semantic level (Flux: the token grid)
     prompt = _prompt(store, row)
     label = f"{store.roles[row]} prompt"
     if settings.mode == LOCAL_BLEND:

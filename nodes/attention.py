@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import hooks, p2p
-from ..attention.layers import SEMANTIC_LEVEL
+from ..attention.layers import FLUX_DOUBLE, flux_vital_sites
 from ..attention.tokens import parse_word_values, split_words, tokenize_prompt, word_token_ids
 from ..attention.visualize import heatmap_grid
 from ..inversion import comfy_model
@@ -46,8 +46,9 @@ class AttnEditAttentionHook:
                                             "step": 0.01, "tooltip": "Fraction of steps whose cross-attention comes "
                                                                      "from the source (higher = closer layout)."}),
                 "self_replace": ("FLOAT", {"default": p2p.SELF_REPLACE_DEFAULT, "min": 0.0, "max": 1.0, "step": 0.01,
-                                           "tooltip": "Fraction of steps whose self-attention (<=32x32 layers) comes "
-                                                      "from the source (higher = closer structure)."}),
+                                           "tooltip": "Fraction of steps whose self-attention (<=32x32 layers; Flux: "
+                                                      "the image-to-image attention in Stable Flow's vital layers) "
+                                                      "comes from the source (higher = closer structure)."}),
             },
             "optional": {
                 "reweight": ("STRING", {"default": "", "tooltip": "word=scale pairs of the target prompt, e.g. "
@@ -64,7 +65,9 @@ class AttnEditAttentionHook:
                                                                              "target words, e.g. \"tiger=0.4\"."}),
                 "self_replace_all_layers": ("BOOLEAN", {"default": False,
                                                         "tooltip": "Also inject self-attention at full latent "
-                                                                   "resolution (64x64 at 512px; costly)."}),
+                                                                   "resolution (64x64 at 512px; costly). Flux: in "
+                                                                   "every block instead of Stable Flow's vital "
+                                                                   "layers."}),
             },
         }
 
@@ -77,21 +80,62 @@ class AttnEditAttentionHook:
 
     def _patch(self, model, clip, source_prompt, target_prompt, mode, cross_replace, self_replace, reweight,
                local_blend, blend_threshold, blend_start, cross_replace_words, all_layers):
-        comfy_model.require_family(model, HOOK)
+        family = comfy_model.require_family(model, HOOK, comfy_model.INVERTIBLE_FAMILIES)
         src, tgt = tokenize_prompt(clip, source_prompt), tokenize_prompt(clip, target_prompt)
+        extra = {}
+        if family == "flux":
+            _check_t5_prompts(src, tgt)
+            extra["flux_self_sites"] = None if all_layers else _flux_vital_sites(model)
+        elif family == "sd3":  # no published vital layers for SD3: self injection in every joint block (docs/flux.md)
+            extra["flux_self_sites"] = None
         lookup = lambda word: word_token_ids(clip, word)  # noqa: E731
         target = comfy_model.encode_text(clip, target_prompt)
         check_text_encoder(HOOK, model, target, "`clip`")
+        if family == "sd3":
+            _check_sd3_context(src, tgt, target)
         controller = p2p.build_controller(
             src, tgt, lookup, mode, cross_replace, self_replace, parse_word_values(reweight, "reweight"),
             parse_word_values(cross_replace_words, "cross_replace_words"), 1 if all_layers else p2p.SELF_MIN_LEVEL,
-            source_text=source_prompt, target_text=target_prompt, target_tokens=tgt, target_conditioning=target)
+            source_text=source_prompt, target_text=target_prompt, target_tokens=tgt, target_conditioning=target,
+            **extra)
         patched = hooks.add_controller(model, controller)
         words = split_words(local_blend)
         if words:
             src_tok, tgt_tok = p2p.blend_tokens(src, tgt, lookup, words)
-            patched = hooks.add_step_hook(patched, p2p.LocalBlend(src_tok, tgt_tok, blend_threshold, 1, blend_start))
+            blend = p2p.LocalBlend(src_tok, tgt_tok, blend_threshold, 1, blend_start, comfy_model.semantic_level(model))
+            patched = hooks.add_step_hook(patched, blend)
         return (patched, target)
+
+
+def _check_t5_prompts(src, tgt) -> None:
+    """Flux: both prompts must fit T5's sequence (the attention's text tokens), or the maps have no fixed columns."""
+    for name, tokens in (("source_prompt", src), ("target_prompt", tgt)):
+        if tokens.overlong:
+            raise AttnEditError(HOOK, f"`{name}` has {tokens.last_word_position() + 2} T5 tokens (with the end token); "
+                                      f"Flux's T5 sequence holds {tokens.length}. Shorten the prompt to at most "
+                                      f"{tokens.length - 1} T5 tokens.")
+
+
+def _check_sd3_context(src, tgt, target) -> None:
+    """SD3: the words are mapped in the 77 clip_l / clip_g tokens, which must be the whole text context (no T5 part
+    after them, one CLIP chunk), or the maps' columns would not be the prompt's tokens."""
+    for name, tokens in (("source_prompt", src), ("target_prompt", tgt)):
+        if tokens.overlong:
+            raise AttnEditError(HOOK, f"`{name}` has {tokens.last_word_position() + 2} CLIP tokens (with start and "
+                                      f"end); on SD3 both prompts must fit one {tokens.length}-token CLIP chunk. "
+                                      f"Shorten the prompt to at most {tokens.length - 2} CLIP tokens.")
+    length = int(target[0][0].shape[1])
+    if length != tgt.length:
+        raise AttnEditError(HOOK, f"the SD3 text encoder gives a {length}-token context; Prompt-to-Prompt on SD3 maps "
+                                  f"words in the {tgt.length} clip_l / clip_g tokens only (a T5 part after them is "
+                                  "not supported yet). Load the text encoders without T5 (DualCLIPLoader, type "
+                                  "'sd3': clip_l + clip_g) for this node.")
+
+
+def _flux_vital_sites(model):
+    sites = hooks.flux_sites(model)
+    doubles = sum(1 for s in sites if s.block == FLUX_DOUBLE)
+    return flux_vital_sites(doubles, len(sites) - doubles)
 
 
 class AttnEditAttentionPreview:
@@ -132,7 +176,7 @@ def _render(store, image, branch, words, image_index) -> torch.Tensor:
     role = branch if branch in store.roles else store.roles[0]
     row = store.row_of(role, image_index)
     prompt = store.prompts[row]
-    maps = store.cross_map(SEMANTIC_LEVEL)[row]  # [h, w, T]
+    maps = store.cross_map()[row]  # [h, w, T] at the store's semantic level
     if prompt is None:
         raise AttnEditError(PREVIEW, f"the {role} row of this store has no prompt tokens to label maps with")
     wanted = split_words(words)

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..attention import cpam, hooks
+from ..attention import cpam, hooks, kvedit
 from ..attention.tokens import split_words, tokenize_prompt, word_token_ids
 from ..inversion import comfy_model
 from ..inversion.conditioning import context_of
@@ -23,7 +23,8 @@ STRATEGY_HELP = (
     "edit object (keep identity): change pose/view, the object keeps its look (Eq. 2 after start_step/layer). "
     "replace object: new object in the masked area, background kept. remove object: every pixel attends the "
     "background only (target_prompt is ignored). change background: the mask is the object to KEEP; the rest "
-    "follows target_prompt. regional prompts: inside the mask target_prompt, outside background_prompt.")
+    "follows target_prompt. regional prompts: inside the mask target_prompt, outside background_prompt. Flux: "
+    "replace object and change background only (KV-Edit-style background preservation).")
 
 
 class AttnEditCPAMSelfAttn:
@@ -33,7 +34,9 @@ class AttnEditCPAMSelfAttn:
         "the inversion through masked self-attention, while only the masked region listens to the target prompt "
         "(the rest attends the null text). Connect an Invert Image made with ddim_null_prompt (the paper's setting: "
         "DDIM guided by the null text, no source prompt), a mask of the object and a target prompt; pick a "
-        "strategy. The sampler pins its source branch to the inversion latents while this patch is on the model.")
+        "strategy. The sampler pins its source branch to the inversion latents while this patch is on the model. On "
+        "Flux (ComfyUI 0.3.x) it preserves the background as KV-Edit does: outside the mask the target takes the "
+        "source's image keys/values in every block and the source latent after every step.")
     CATEGORY = CAT_TECHNIQUES
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL", "CONDITIONING")
@@ -117,12 +120,14 @@ class AttnEditCPAMSelfAttn:
 
 
 def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs):
-    comfy_model.require_family(model, NODE)
+    family = comfy_model.require_family(model, NODE, comfy_model.INVERTIBLE_FAMILIES)
     check_inversion_base_model(NODE, inversion, comfy_model.model_fingerprint(model))
     check_text_encoder(NODE, model, comfy_model.encode_text(clip, target_prompt), "`clip`")
     if strategy not in cpam.STRATEGIES:
         raise AttnEditError(NODE, f"`strategy` {strategy!r} is unknown; choose one of {', '.join(cpam.STRATEGIES)}")
     spec = cpam.STRATEGIES[strategy]
+    if family in comfy_model.FLOW_FAMILIES:
+        return _patch_flux(model, inversion, clip, source_mask, target_prompt, spec, knobs)
     source, target_static = _masks(source_mask, inversion, spec, knobs["mask_expand"])
     target_tokens = tokenize_prompt(clip, target_prompt)
     words = _object_tokens(clip, target_tokens, knobs["object_words"], spec)
@@ -156,6 +161,42 @@ def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs
         patched = hooks.add_step_hook(patched, cpam.CPAMMaskRefine(words, refine_step,
                                                                    float(knobs["refine_threshold"])))
     return (bind_inversion(NODE, patched, inversion), controller.target_conditioning)
+
+
+FLUX_STRATEGIES = ("replace object", "change background")  # background preservation (KV-Edit style) on Flux
+FLUX_UNUSED = ("object_words", "background_prompt", "start_step", "start_layer", "refine_step", "refine_threshold",
+               "free_layers", "seed", "localized_extraction")
+
+
+def _patch_flux(model, inversion, clip, source_mask, target_prompt, spec: cpam.Strategy, knobs: dict):
+    """Flux and SD3 (joint attention): CPAM's background preservation only, as KV-Edit does it on joint attention (attention/kvedit.py): the
+    target's image keys / values and latents outside the editable mask come from the pinned source."""
+    family = comfy_model.FAMILY_NAMES.get(comfy_model.model_family(model), "Flux")  # Flux or SD3 / SD3.5
+    if spec.name not in FLUX_STRATEGIES:
+        raise AttnEditError(NODE, f"`strategy` {spec.name!r} does not run on {family}; on {family} this node "
+                                  "preserves the "
+                                  f"background outside the mask (KV-Edit style): choose "
+                                  f"{' or '.join(repr(s) for s in FLUX_STRATEGIES)}, or use the Prompt-to-Prompt "
+                                  "Attention Hook (word swap with local blend) for other edits.")
+    defaults = _defaults()
+    changed = [name for name in FLUX_UNUSED if knobs[name] != defaults[name]]
+    if changed:
+        warn(NODE, f"{', '.join(f'`{n}`' for n in changed)} are not used on {family} (only the mask, `mask_expand` and "
+                   "the strategy are: KV-Edit-style background preservation); leave them at their defaults.")
+    _source, editable = _masks(source_mask, inversion, spec, knobs["mask_expand"])
+    device = comfy_model.intermediate_device()
+    target = comfy_model.encode_text(clip, target_prompt)
+    controller = kvedit.JointBackgroundKV(masks=editable.to(device), source_text=inversion.source_prompt,
+                                          target_text=target_prompt, target_tokens=tokenize_prompt(clip, target_prompt),
+                                          target_conditioning=target)
+    patched = hooks.add_controller(model, controller)
+    patched = hooks.add_step_hook(patched, kvedit.BackgroundLatentBlend(editable.to(device)))
+    return (bind_inversion(NODE, patched, inversion), target)
+
+
+def _defaults() -> dict:
+    optional = AttnEditCPAMSelfAttn.INPUT_TYPES()["optional"]
+    return {name: spec[1].get("default") for name, spec in optional.items()}
 
 
 def _run_steps(start_step: int, refine_step: int, steps: int, spec: cpam.Strategy, refined: bool) -> tuple[int, int]:

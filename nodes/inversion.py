@@ -6,14 +6,14 @@ import logging
 
 import torch
 
-from ..attention.layers import SELF_LEVEL_DPL, SEMANTIC_LEVEL
+from ..attention.layers import SELF_LEVEL_DPL
 from ..attention.run import CaptureSpec
 from ..attention.store import merge_stores, store_from_run
 from ..attention.tokens import tokenize_prompt
 from ..inversion import comfy_model, engine, null_text
 from ..inversion.quality import psnr
-from ..inversion.schedule import ddim_sigmas
-from ..inversion.trajectory import METHODS, NULL_PROMPT_DDIM, InversionTrajectory
+from ..inversion.schedule import ddim_sigmas, flow_sigmas
+from ..inversion.trajectory import FLOW_METHODS, METHODS, NULL_PROMPT_DDIM, UNET_METHODS, InversionTrajectory
 from .common import AttnEditError, check_image_size, check_text_encoder, crop_to_multiple, warn, wrap_errors
 from .types import ATTN_STORE, CAT_INVERSION, INVERSION
 
@@ -27,8 +27,10 @@ class AttnEditInvert:
         "attention control (connect the inversion to Attention Edit Sampler). Methods: null_text (Mokady et al. "
         "2023, best reconstruction at high CFG, slowest), ddim (plain DDIM inversion, fast, drifts at CFG > 1), "
         "direct (PnP/direct inversion, exact source branch, fast), negative_prompt (source prompt as negative, "
-        "fast), ddim_null_prompt (DDIM guided by the null text only, no source prompt: CPAM's setting). The "
-        "reconstruction PSNR tells how faithfully the source branch regenerates the input "
+        "fast), ddim_null_prompt (DDIM guided by the null text only, no source prompt: CPAM's setting). Flux "
+        "(early, see docs/flux.md): flow_euler (Euler inversion of the rectified-flow ODE) or rf_solver (RF-Solver, "
+        "second order), with the `guidance` embedding. The reconstruction PSNR tells how faithfully the source "
+        "branch regenerates the input "
         "(above ~25 dB is good for SD1.5). Cached by ComfyUI: changing only the edit never re-inverts.")
     CATEGORY = CAT_INVERSION
     FUNCTION = "invert"
@@ -37,7 +39,7 @@ class AttnEditInvert:
     OUTPUT_TOOLTIPS = (
         "The inversion: connect to Attention Edit Sampler and the technique nodes.",
         "The inverted noise latent x_T (for core SamplerCustom with add_noise off and the sigmas output).",
-        "The DDIM schedule of the inversion (ddim_uniform timesteps, ends at 0).",
+        "The schedule of the inversion (DDIM: ddim_uniform timesteps; Flux: the simple scheduler), ends at 0.",
         "What the source branch regenerates (decode it to judge the inversion).",
         "Reconstruction PSNR in dB of the decoded reconstruction vs the input (mean over the batch); -1 without VAE.",
         "Cross-attention maps of the source prompt captured during inversion (for masks and heat maps).",
@@ -47,7 +49,8 @@ class AttnEditInvert:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.x / SD2.x / SDXL model you will edit with (same checkpoint)."}),
+                "model": ("MODEL", {"tooltip": "The SD1.x / SD2.x / SDXL (or, early, Flux) model you will edit with "
+                                               "(same checkpoint)."}),
                 "clip": ("CLIP", {"tooltip": "Text encoder of the same checkpoint."}),
                 "source_prompt": ("STRING", {"multiline": True, "default": "a photo of a cat",
                                              "tooltip": "A caption of the input image. Words you will edit must "
@@ -59,7 +62,10 @@ class AttnEditInvert:
                                                       "source prompt used as negative, no optimisation. "
                                                       "ddim_null_prompt: DDIM inversion and source branch hear only "
                                                       "the null text (negative_prompt, empty = the papers' null "
-                                                      "text), source_prompt unused: CPAM's setting, no CFG drift."}),
+                                                      "text), source_prompt unused: CPAM's setting, no CFG drift. "
+                                                      "Flux only: flow_euler (Euler inversion of the flow ODE, one "
+                                                      "model call per step) or rf_solver (RF-Solver, second order, "
+                                                      "two calls per step, closer reconstruction)."}),
                 "steps": ("INT", {"default": 50, "min": 2, "max": 500,
                                   "tooltip": "DDIM steps of inversion and editing (50 in the papers)."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
@@ -78,29 +84,40 @@ class AttnEditInvert:
                 "capture_self_attention": ("BOOLEAN", {"default": False,
                                                        "tooltip": "Also keep 32x32 self-attention (for DPL background "
                                                                   "masks). Uses ~4 MB per image."}),
+                "guidance": ("FLOAT", {"default": comfy_model.FLUX_DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0,
+                                       "step": 0.1,
+                                       "tooltip": "Flux-dev only: the guidance embedding value (what core "
+                                                  "FluxGuidance sets; 3.5 is Flux-dev's default) used by inversion "
+                                                  "and editing. Ignored by SD models and Flux Schnell."}),
             },
         }
 
     def invert(self, model, clip, source_prompt, method, steps, cfg, image=None, vae=None, latent=None,
-               negative_prompt="", inner_steps=null_text.NULL_TEXT_INNER_STEPS, capture_self_attention=False):
+               negative_prompt="", inner_steps=null_text.NULL_TEXT_INNER_STEPS, capture_self_attention=False,
+               guidance=comfy_model.FLUX_DEFAULT_GUIDANCE):
         return wrap_errors(NODE, self._invert, model, clip, source_prompt, method, steps, cfg, image, vae, latent,
-                           negative_prompt, inner_steps, capture_self_attention)
+                           negative_prompt, inner_steps, capture_self_attention, guidance)
 
     def _invert(self, model, clip, source_prompt, method, steps, cfg, image, vae, latent, negative_prompt,
-                inner_steps, capture_self):
-        comfy_model.require_family(model, NODE)
-        if method not in METHODS:
-            raise AttnEditError(NODE, f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}")
+                inner_steps, capture_self, guidance=comfy_model.FLUX_DEFAULT_GUIDANCE):
+        comfy_model.require_family(model, NODE, comfy_model.INVERTIBLE_FAMILIES)
+        flow_model = comfy_model.is_flow(model)
+        _check_method(model, method, flow_model)
+        if flow_model and comfy_model.guidance_embedded(model) and cfg != 1.0:
+            warn(NODE, f"`cfg` {cfg:g} on a guidance-distilled Flux MODEL runs a negative pass per step and the "
+                       "reconstruction drifts from the inversion (which runs at cfg 1); Flux-dev is used with cfg 1.0 "
+                       "and its `guidance` embedding instead.")
         source_prompt = _source_prompt(method, source_prompt, negative_prompt)
-        source = comfy_model.encode_text(clip, source_prompt)
+        source = comfy_model.with_guidance(model, comfy_model.encode_text(clip, source_prompt), guidance)
         check_text_encoder(NODE, model, source, "`clip`")
-        negative = comfy_model.encode_text(clip, negative_prompt)
+        negative = comfy_model.with_guidance(model, comfy_model.encode_text(clip, negative_prompt), guidance)
         samples, reference = _input_latent(model, image, vae, latent)
         if reference is None and vae is not None:
             reference = comfy_model.vae_decode(vae, samples)
-        sigmas = ddim_sigmas(comfy_model.sigma_table(model), steps)
+        schedule = flow_sigmas if flow_model else ddim_sigmas
+        sigmas = schedule(comfy_model.sigma_table(model), steps)
         steps = len(sigmas) - 1
-        capture = CaptureSpec(cross_levels=frozenset({SEMANTIC_LEVEL}),
+        capture = CaptureSpec(cross_levels=frozenset({comfy_model.semantic_level(model)}),
                               self_levels=frozenset({SELF_LEVEL_DPL}) if capture_self else frozenset())
         units = steps + engine.method_units(method, steps, inner_steps)
         progress = comfy_model.Progress(model, units * samples.shape[0])
@@ -109,6 +126,24 @@ class AttnEditInvert:
                                       progress=progress.update) for i in range(samples.shape[0])]
         return _package(model, vae, clip, images, reference, sigmas, method, cfg, source, negative, source_prompt,
                         negative_prompt)
+
+
+def _check_method(model, method: str, flow_model: bool) -> None:
+    """`method` must exist and fit the model's sampler maths: DDIM-based methods (null text, negative prompt, direct
+    offsets) are defined for eps / v UNets, the flow solvers for rectified-flow models (Flux)."""
+    if method not in METHODS:
+        raise AttnEditError(NODE, f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    family = comfy_model.FAMILY_NAMES.get(comfy_model.model_family(model), comfy_model.model_family(model))
+    if flow_model and method not in FLOW_METHODS:
+        raise AttnEditError(
+            NODE, f"`method` {method!r} does not apply to this {family} MODEL: it is a rectified-flow model (velocity "
+                  "prediction, no DDIM schedule or null text), and the DDIM-based methods "
+                  f"({', '.join(UNET_METHODS)}) need an SD1.x / SD2.x / SDXL UNet. Choose {FLOW_METHODS[0]!r} (Euler "
+                  f"inversion) or {FLOW_METHODS[1]!r} (RF-Solver, second order).")
+    if not flow_model and method in FLOW_METHODS:
+        raise AttnEditError(
+            NODE, f"`method` {method!r} inverts rectified-flow models (Flux); this {family} MODEL is a "
+                  f"DDIM model. Choose one of {', '.join(UNET_METHODS)} (ddim is the plain inversion).")
 
 
 def _source_prompt(method: str, source_prompt: str, negative_prompt: str) -> str:
@@ -156,7 +191,9 @@ def _package(model, vae, clip, images, reference, sigmas, method, cfg, source, n
         psnr=tuple(psnrs), source_tokens=tokens,
         extras={"null_text_iterations": [im.iterations for im in images]})
     log.info("Attention Edit: %s", trajectory.describe())
-    store = merge_stores([store_from_run(im.run, (tokens,), trajectory.latent_hw, device) for im in images])
+    level = comfy_model.semantic_level(model)
+    store = merge_stores([store_from_run(im.run, (tokens,), trajectory.latent_hw, device, semantic_level=level)
+                          for im in images])
     noise = {"samples": comfy_model.latent_to_raw(model, trajectory.latents[0])}
     mean_psnr = float(sum(psnrs) / len(psnrs)) if psnrs else -1.0
     result = (trajectory, noise, sigmas, {"samples": recon_raw}, mean_psnr, store)

@@ -21,7 +21,8 @@ SOURCE_BRANCH = ("reconstruct", "pin to inversion")
 class AttnEditEditSampler:
     DESCRIPTION = (
         "Edits the inverted image: runs the source branch (regenerating the input) and the target branch (the edit) "
-        "in lock-step with DDIM on the inversion's schedule and guidance, while the attention hooks on the MODEL "
+        "in lock-step with DDIM (Flux: the inversion's flow solver) on the inversion's schedule and guidance, while "
+        "the attention hooks on the MODEL "
         "(Prompt-to-Prompt, MAG-Edit, CPAM, ...) transfer attention from source to target. Decode the LATENT with "
         "core VAE Decode.")
     CATEGORY = CAT_SAMPLING
@@ -57,7 +58,7 @@ class AttnEditEditSampler:
         return wrap_errors(SAMPLER, self._sample, model, inversion, target, source_branch)
 
     def _sample(self, model, inversion, target, source_branch):
-        comfy_model.require_family(model, SAMPLER)
+        comfy_model.require_family(model, SAMPLER, comfy_model.INVERTIBLE_FAMILIES)
         controllers = hooks.controllers_of(model)
         pin = _pin_source(controllers, source_branch)
         check_inversion_model(SAMPLER, inversion, model, comfy_model.model_fingerprint(model), source_pinned=pin)
@@ -76,13 +77,15 @@ class AttnEditEditSampler:
         inner = sum(h.progress_units(inversion.steps) for h in step_hooks if hasattr(h, "progress_units"))
         progress = comfy_model.Progress(model, (inversion.steps + inner) * inversion.batch)
         finals, stores = [], []
+        level = comfy_model.semantic_level(model)
+        capture = CaptureSpec(cross_levels=frozenset({level}))
         for i in range(inversion.batch):
             final, captured, _state = engine.edit_image(
-                model, inversion, i, target, step_hooks, capture=CaptureSpec(),
+                model, inversion, i, target, step_hooks, capture=capture,
                 pin_source=pin, grad=grad, progress=progress.update, target_steps=target_steps)
             finals.append(final)
             stores.append(store_from_run(captured, (inversion.source_tokens, target_tokens), inversion.latent_hw,
-                                         comfy_model.intermediate_device()))
+                                         comfy_model.intermediate_device(), semantic_level=level))
         source = torch.stack([f[0] for f in finals])
         edited = torch.stack([f[1] for f in finals])
         return ({"samples": comfy_model.latent_to_raw(model, edited).to(comfy_model.intermediate_device())},

@@ -289,19 +289,51 @@ FLUX_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("node_id", sorted(FLUX_INPUTS))
-def test_unsupported_model_family_is_named(tiny, inv, node_id):
+class AuraFlow:  # a config class of a non-UNet family no node of this pack handles (SD3 is handled since sd3)
+    pass
+
+
+# the nodes that also take Flux and SD3 (tests/test_flux.py, tests/test_flux_attention.py, tests/test_sd3.py)
+FLUX_NODES = ("AttnEditAttentionHook", "AttnEditCPAMSelfAttn", "AttnEditInvert", "AttnEditEditSampler")
+
+
+def _family_inputs(tiny, inv, node_id):
     import nodes
 
-    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=Flux(), diffusion_model=torch.nn.Linear(1, 1)))
     wanted = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
     available = {"clip": tiny.clip, "vae": tiny.vae, "inversion": inv, "latent": make_latent(),
                  "image": make_image(64)}
     inputs = {k: v for k, v in available.items() if k in wanted["required"]}
     if "image" not in inputs and "latent" in wanted.get("optional", {}):
         inputs["latent"] = available["latent"]
-    message = error_of(node_id, model=fake, **inputs, **FLUX_INPUTS[node_id])
+    return {**inputs, **FLUX_INPUTS[node_id]}
+
+
+@pytest.mark.parametrize("node_id", sorted(FLUX_INPUTS))
+def test_unsupported_model_family_is_named(tiny, inv, node_id):
+    """A config class the pack does not know (named Flux, or AuraFlow for the nodes that take the real Flux and SD3)."""
+    config = AuraFlow() if node_id in FLUX_NODES else Flux()
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config, diffusion_model=torch.nn.Linear(1, 1)))
+    message = error_of(node_id, model=fake, **_family_inputs(tiny, inv, node_id))
+    if node_id in FLUX_NODES:
+        assert ("supports SD1.x, SD2.x, SDXL UNet models and Flux, SD3 / SD3.5 (ComfyUI 0.3.x); the connected MODEL "
+                "is AuraFlow") in message, message
+    else:
+        assert "supports SD1.x, SD2.x, SDXL UNet models; the connected MODEL is Flux" in message, message
+
+
+@pytest.mark.newer_host("Flux exists only in ComfyUI 0.3.x")
+@pytest.mark.parametrize("node_id", sorted(set(FLUX_INPUTS) - set(FLUX_NODES)))
+def test_technique_nodes_refuse_the_real_flux(tiny, inv, node_id):
+    """Every technique node other than Invert and the edit sampler refuses a real (tiny) ComfyUI Flux by name and
+    says where Flux stands."""
+    import tiny_families
+
+    flux_model, _flux_clip = tiny_families.make_flux(0)
+    message = error_of(node_id, model=flux_model, **_family_inputs(tiny, inv, node_id))
     assert "supports SD1.x, SD2.x, SDXL UNet models; the connected MODEL is Flux" in message, message
+    assert "on Flux the pack does inversion, the edit sampler, Prompt-to-Prompt, attention maps and CPAM's " \
+           "background preservation so far, see docs/flux.md" in message
 
 
 def test_fp16_model_weights(tiny):

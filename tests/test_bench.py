@@ -211,3 +211,19 @@ def test_op_counting_finds_no_tensor_reads_per_attention_call(tmp_path):
     assert ddim.scalar_reads < 8 * ddim.forwards
     assert base.ops_per_forward > 500 and ddim.ops_per_forward == pytest.approx(base.ops_per_forward, rel=0.1)
     assert ddim.launch_factor >= 1.0 and "aten ops / UNet fwd | scalar reads |" in text
+
+
+@pytest.mark.newer_host("Flux exists only in ComfyUI 0.3.x")
+def test_flux_rows_count_the_flow_solvers_passes(tmp_path):
+    """Tiny Flux, cfg 1 (one chunk): RF-Solver asks the model twice per step in the inversion and in the
+    reconstruction; the edits carry source and target in one batch (2 rows) with the inversion's solver; flow_euler
+    once per step."""
+    results, text = run(tmp_path, "--family", "flux")
+    assert set(results) == {w.name for w in benchmark.WORKFLOWS if "flux" in w.families}
+    r = results
+    assert passes(r["plain KSampler (baseline)"]) == (S, 0, S, 0)
+    assert passes(r["Flux RF-Solver inversion"]) == (4 * S, 0, 4 * S, 0)
+    assert passes(r["Flux P2P word swap + local blend (cached inversion)"]) == (2 * S, 0, 4 * S, 0)
+    assert passes(r["Flux CPAM background kept (cached inversion)"]) == (2 * S, 0, 4 * S, 0)
+    assert passes(r["Flux mask from attention (incl. flow_euler inversion)"]) == (2 * S, 0, 2 * S, 0)
+    assert "<!-- bench:cpu-flux-2steps-cheap -->" in text

@@ -579,3 +579,101 @@ def test_mask_contract_edges():
     # aspect: exactly at the tolerance is not a mismatch; one-pixel and zero sides do not divide by zero
     assert not ops.aspect_mismatch((2, 3), (1, 1), tolerance=0.5) and ops.aspect_mismatch((2, 3), (1, 1), 0.49)
     assert not ops.aspect_mismatch((1, 2), (1, 2)) and not ops.aspect_mismatch((0, 5), (0, 5))
+
+
+# ------------------------------------------------------------------------------------------------ mutation survivors
+# (tools/mutate.py over inversion/{quality,trajectory}.py and masks/from_attention.py: docs/mutation.md)
+def test_psnr_of_known_differences():
+    """10 log10(1 / MSE) on [0, 1] images: a uniform 0.2 error is 13.98 dB, 0.1 is 20 dB, none is infinite."""
+    psnr = pkg("inversion.quality").psnr
+    ref = torch.full((1, 4, 4, 3), 0.1)
+    assert psnr(torch.full((1, 4, 4, 3), 0.3), ref) == pytest.approx(10 * math.log10(1 / 0.04), abs=1e-5)
+    assert psnr(torch.zeros(1, 4, 4, 3), ref) == pytest.approx(20.0, abs=1e-4)
+    assert psnr(ref, ref.clone()) == math.inf
+    half = torch.zeros(1, 2, 1, 3)
+    half[:, 0] = 0.5  # MSE 0.125 (half the pixels off by 0.5): the square of the error, averaged
+    assert psnr(half, torch.zeros_like(half)) == pytest.approx(10 * math.log10(8), abs=1e-5)
+
+
+def test_trajectory_reports_a_non_square_latent_and_no_psnr():
+    traj = pkg("inversion.trajectory").InversionTrajectory(
+        "ddim", torch.tensor([1.0, 0.0]), torch.zeros(2, 1, 4, 6, 10), [], [], "a", "", 1.0, ())
+    assert traj.latent_hw == (6, 10) and traj.steps == 1 and traj.batch == 1
+    assert "latent 6x10" in traj.describe() and "PSNR n/a dB" in traj.describe()
+
+
+def _store(roles):
+    """A store whose rows have these roles (store_rows reads nothing else)."""
+    return pkg("attention.store").AttentionStore({4: torch.zeros(len(roles), 2, 2, 77)}, roles,
+                                                 (None,) * len(roles), (8, 8), 1)
+
+
+def test_store_rows_pick_one_image_by_index_and_refuse_past_the_end():
+    fa = pkg("masks.from_attention")
+    store = _store(("source", "target", "source", "target"))
+    assert fa.store_rows(store, "target") == [1, 3]
+    assert fa.store_rows(store, "target", 0) == [1]  # index 0 is one image, not all
+    assert fa.store_rows(store, "target", 1) == [3]  # the last valid index
+    with pytest.raises(fa.StoreMaskError, match="`image_index` 2 is out of range"):
+        fa.store_rows(store, "target", 2)
+    single = _store(("source", "source"))
+    assert fa.store_rows(single, "target", 1) == [1]  # a one-role store serves any branch
+
+
+def test_instant_mask_with_a_word_uses_exactly_that_words_group(tiny):
+    """mode 'instant' with `words`: the named word's group is the object (index), the same as instant_mask with that
+    index; a group is chosen when all its tokens are among the word's positions (a one-token word included)."""
+    fa, instant = pkg("masks.from_attention"), pkg("masks.instant")
+    prompt = pkg("attention.tokens").tokenize_prompt(tiny.clip, "a photo of a cat on grass")
+    maps = torch.rand(1, 8, 8, 77, generator=torch.Generator().manual_seed(3))
+    store = pkg("attention.store").AttentionStore({4: maps}, ("source",), (prompt,), (16, 16), 1)
+    groups = [pos for pos, _ in prompt.word_groups()]
+    cat = [i for i, (_, word) in enumerate(prompt.word_groups()) if word == "cat"]
+    for word, index in (("cat", cat), ("grass", [i for i, (_, w) in enumerate(prompt.word_groups()) if w == "grass"])):
+        mask, heat = fa.mask_of_row(store, 0, fa.MaskSettings(mode=fa.INSTANT, words=(word,)))
+        expected, expected_heat, _ = instant.instant_mask(maps[0].float(), groups, (16, 16), index=index)
+        assert torch.equal(mask, expected) and torch.equal(heat, expected_heat), word
+
+
+def test_store_row_of_picks_the_images_row_and_clamps_past_the_end():
+    """row_of(role, image): the image-th row with that role; an index past the end gives that role's last row."""
+    store = _store(("source", "target", "source", "target"))
+    assert [store.row_of("target", i) for i in range(4)] == [1, 3, 3, 3]
+    assert [store.row_of("source", i) for i in range(3)] == [0, 2, 2]
+    with pytest.raises(ValueError, match="no 'intermediate' row"):
+        store.row_of("intermediate")
+
+
+def test_store_from_run_keeps_a_non_square_grid_and_merge_concatenates_rows():
+    """A 3x5 capture grid stays [B, 3, 5, T] (rows = grid[0], columns = grid[1]); merging one store returns it
+    unchanged, merging two concatenates their rows and keeps the first's latent size, steps and extras."""
+    run_mod, store_mod = pkg("attention.run"), pkg("attention.store")
+    run = run_mod.RunState(torch.tensor([2.0, 1.0, 0.0]), ("source", "target"))
+    mean = torch.arange(2 * 15 * 4, dtype=torch.float32).view(2, 15, 4)
+    run.sums[("cross", 4)], run.counts[("cross", 4)], run.grids[("cross", 4)] = mean * 2, 2, (3, 5)
+    store = store_mod.store_from_run(run, (None, None), (6, 10), extras={"k": 1})
+    assert store.cross[4].shape == (2, 3, 5, 4) and store.steps == 2
+    assert torch.equal(store.cross[4][1, 2, 4], mean[1, 14]) and torch.equal(store.cross[4][0, 1, 0], mean[0, 5])
+    assert store_mod.merge_stores([store]) is store
+    other = store_mod.AttentionStore({4: torch.ones(1, 3, 5, 4)}, ("source",), (None,), (6, 10), 2, {}, {"k": 2})
+    merged = store_mod.merge_stores([store, other])
+    assert merged.roles == ("source", "target", "source") and merged.cross[4].shape == (3, 3, 5, 4)
+    assert torch.equal(merged.cross[4][2], torch.ones(3, 5, 4)) and merged.extras == {"k": 1}
+
+
+def test_mask_preview_frames_tint_the_mask_red_at_half_strength():
+    """Frame 1 is the mask over the image: image * (1 - 0.5 m) + (1, 0.15, 0.1) * 0.5 m; frame 0 the heat map over
+    the image; an RGBA image loses its alpha; the canvas without an image is mid grey [H, W, 3]."""
+    preview, visualize = pkg("masks.preview"), pkg("attention.visualize")
+    image = torch.rand(4, 6, 4, generator=torch.Generator().manual_seed(1))  # RGBA
+    mask = torch.zeros(4, 6)
+    mask[1, 2], mask[2, 3] = 1.0, 0.5
+    frames = preview.mask_preview(image, torch.rand(2, 3, generator=torch.Generator().manual_seed(2)), mask)
+    assert frames.shape == (2, 4, 6, 3)
+    tint = torch.tensor([1.0, 0.15, 0.1])
+    assert torch.allclose(frames[1][1, 2], image[1, 2, :3] * 0.5 + tint * 0.5)
+    assert torch.allclose(frames[1][2, 3], image[2, 3, :3] * 0.75 + tint * 0.25)
+    assert torch.equal(frames[1][0, 0], image[0, 0, :3])
+    heat = torch.rand(2, 3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(frames[0], visualize.heatmap_overlay(image, heat))
+    assert torch.equal(preview.canvas((3, 5)), torch.full((3, 5, 3), 0.5))

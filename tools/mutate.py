@@ -66,6 +66,11 @@ TEST_MAP = {
     "inversion/schedule.py": FAST + [ROUNDTRIP],
     "masks/ops.py": FAST + MASKS,
     "masks/local_blend.py": FAST + MASKS,
+    "inversion/direct.py": FAST + ["tests/test_inversion_core.py", "tests/test_edit_integration.py"],
+    "inversion/edit.py": FAST + ["tests/test_edit_integration.py", "tests/test_mag_math.py", "tests/test_fusion.py"],
+    "masks/from_attention.py": FAST + ["tests/test_masks.py", "tests/test_dpl_background.py"],
+    "attention/store.py": FAST + ["tests/test_masks.py"],
+    "masks/preview.py": FAST + ["tests/test_masks.py"],
 }
 # The realistic one-line bugs of issue 22 that the suite used to miss: (file, text, replacement).
 PLANTED = [

@@ -37,6 +37,21 @@ def _clip_kwargs(cls, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
+def _model_and_clip(model, cfg, seed: int):
+    """(MODEL, CLIP) of a tiny model: a ModelPatcher over `model` and the config's own text encoders with seeded
+    random weights (seed + 1)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(cfg.clip_target())
+        init_weights(clip.cond_stage_model, seed + 1)
+    return patcher, clip
+
+
 def _sdxl_classes():
     import comfy.model_base
     import comfy.sd1_clip
@@ -125,8 +140,6 @@ def _sd2_classes():
 def make_sdxl(seed: int = 0, inpaint: bool = False):
     """(MODEL, CLIP) of a tiny SDXL-shaped model (eps prediction); `inpaint`: the 9-channel inpainting UNet."""
     import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.sd
 
     config_cls, model_cls = _sdxl_classes()
     cfg = config_cls(dict(TINY_SDXL_UNET, in_channels=9 if inpaint else 4))
@@ -135,12 +148,7 @@ def make_sdxl(seed: int = 0, inpaint: bool = False):
         if inpaint:
             model.set_inpaint()
         init_weights(model, seed)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-    with torch.no_grad():
-        clip = comfy.sd.CLIP(cfg.clip_target())
-        init_weights(clip.cond_stage_model, seed + 1)
-    return patcher, clip
+    return _model_and_clip(model, cfg, seed)
 
 
 TINY_SDXL_ADAPTER_CHANNELS = [32, 64, 128, 128]  # TINY_SDXL_UNET model_channels * [1, 2, 4, 4], as 320/640/1280
@@ -176,12 +184,7 @@ def make_sd2v(seed: int = 0):
         model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION,
                                            device=mm.unet_offload_device())
         init_weights(model, seed)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-    with torch.no_grad():
-        clip = comfy.sd.CLIP(cfg.clip_target())
-        init_weights(clip.cond_stage_model, seed + 1)
-    return patcher, clip
+    return _model_and_clip(model, cfg, seed)
 
 
 class ConstantEpsUNet:
@@ -213,4 +216,244 @@ def constant_eps_patch(model, eps: torch.Tensor):
     m = model.clone()
     v = model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
     m.add_object_patch("diffusion_model.forward", ConstantEpsUNet(eps, model.model.model_sampling, v))
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ tiny Flux
+# comfy.ldm.flux.model.Flux at toy widths (the real Flux-dev: hidden 3072, 24 heads, 19 double + 38 single blocks,
+# T5-XXL context 4096, clip_l pooled vector 768). The rotary axes must add up to the head width (64 / 2 = 32).
+FLUX_T5_DIM, FLUX_L_DIM = 48, L_DIM
+TINY_FLUX_DIT = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": FLUX_L_DIM,
+    "context_in_dim": FLUX_T5_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+}
+# T5 v1.1 encoder layout (gated GELU, relative position buckets) with the real 32128-token vocabulary of ComfyUI's
+# shipped sentencepiece tokenizer, at toy widths.
+TINY_T5_CONFIG = {
+    "d_ff": 64, "d_kv": 16, "d_model": FLUX_T5_DIM, "decoder_start_token_id": 0, "dropout_rate": 0.0,
+    "eos_token_id": 1, "dense_act_fn": "gelu_pytorch_tanh", "initializer_factor": 1.0, "is_encoder_decoder": True,
+    "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_decoder_layers": 2, "num_heads": 3,
+    "num_layers": 2, "output_past": True, "pad_token_id": 0, "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False, "vocab_size": 32128,
+}
+TINY_FLUX_VAE_DDCONFIG = {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3,
+                          "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                          "dropout": 0.0}
+
+
+def _t5_config_file() -> str:
+    path = os.path.join(scratch_dir(), "tiny_t5.json")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump(TINY_T5_CONFIG, f)
+    return path
+
+
+def _flux_classes():
+    """(config class, text encoder class) of the tiny Flux; only ComfyUI 0.3.x has Flux."""
+    import comfy.model_base
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    if not hasattr(comfy.supported_models, "Flux"):
+        raise RuntimeError("this ComfyUI host (2024-03) has no Flux classes: the tiny Flux needs ComfyUI 0.3.x "
+                           "(e.g. COMFYUI_PATH=../shared/hosts/comfyui-0.3.64)")
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.t5
+
+    class TinyT5(comfy.sd1_clip.SDClipModel):
+        """comfy.text_encoders.sd3_clip.T5XXLModel (last layer, end token 1, pad 0) with the tiny T5 config."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            super().__init__(device=device, layer="last", layer_idx=None, textmodel_json_config=_t5_config_file(),
+                             dtype=dtype, special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                             enable_attention_masks=False, return_attention_masks=False,
+                             model_options={**(model_options or {}), "model_name": "t5xxl"})
+
+    class TinyFluxClipModel(comfy.text_encoders.flux.FluxClipModel):
+        """FluxClipModel (T5 hidden states as context, clip_l pooled output as the vector) with tiny encoders."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                device=device, dtype=dtype, return_projected_pooled=False, model_options=model_options or {},
+                textmodel_json_config=_config_file("flux_l", hidden_size=FLUX_L_DIM, projection_dim=FLUX_L_DIM))
+            self.t5xxl = TinyT5(device=device, dtype=dtype, model_options=model_options)
+            self.dtypes = {dtype}
+
+    class TinyFlux(comfy.supported_models.Flux):
+        """Flux-dev family (subclass: family checks see Flux; guidance embedding on) at toy widths."""
+
+        unet_config = {"image_model": "flux", "guidance_embed": True}
+
+        def clip_target(self, state_dict=None):
+            return comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClipModel)
+
+    return TinyFlux, comfy.model_base.Flux
+
+
+def make_flux(seed: int = 0, qk_scale: float | None = None):
+    """(MODEL, CLIP) of a tiny Flux-dev-shaped model (rectified flow, CONST sampling, guidance embedding).
+
+    The seeded init zeroes 1-d parameters, so the QK-norm scales are 0 and every attention is uniform; `qk_scale` sets
+    them (tests of attention edits use 1.0, the RMSNorm identity, so the attention depends on the tokens)."""
+    import comfy.model_management as mm
+
+    config_cls, model_cls = _flux_classes()
+    cfg = config_cls(dict(TINY_FLUX_DIT))
+    cfg.unet_config["dtype"] = torch.float32
+    with torch.inference_mode():
+        model = model_cls(cfg, device=mm.unet_offload_device())
+        init_weights(model, seed)
+        for module in model.modules():
+            if qk_scale is not None and type(module).__name__ == "QKNorm":
+                module.query_norm.scale.fill_(qk_scale)
+                module.key_norm.scale.fill_(qk_scale)
+    return _model_and_clip(model, cfg, seed)
+
+
+def make_flux_vae(seed: int = 2):
+    """A tiny 16-channel KL autoencoder (comfy.sd.VAE, x8 downscale) for the tiny Flux's latent format."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.no_grad():
+        ae = AutoencoderKL(ddconfig=TINY_FLUX_VAE_DDCONFIG, embed_dim=16)
+        init_weights(ae, seed)
+        vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"ddconfig": TINY_FLUX_VAE_DDCONFIG,
+                                                                  "embed_dim": 16}})
+    vae.latent_channels = 16  # a config-built VAE keeps the SD default of 4 (used by the tiled fallback only)
+    return vae
+
+
+class FlowStandIn:
+    """Stand-in Flux forward whose raw output is `velocity(x, timestep, guidance)` (a velocity in CONST space).
+
+    Installed with ModelPatcher.add_object_patch("diffusion_model._forward", ...): the host's Flux.forward still runs
+    its DIFFUSION_MODEL wrappers around it, and BaseModel._apply_model still applies CONST calculate_input /
+    calculate_denoised, so exact-maths tests see the host's parameterisation unchanged.
+    """
+
+    def __init__(self, velocity):
+        self.velocity = velocity
+
+    def __call__(self, x, timestep, context=None, y=None, guidance=None, ref_latents=None, control=None,
+                 transformer_options=None, **kwargs):
+        return self.velocity(x, timestep, guidance)
+
+
+def flow_patch(model, velocity):
+    """A clone of a flow `model` whose diffusion model outputs velocity(x, timestep [B], guidance [B] or None)."""
+    m = model.clone()
+    m.add_object_patch("diffusion_model._forward", FlowStandIn(velocity))
+    return m
+
+
+def constant_velocity_patch(model, v: torch.Tensor):
+    """A clone of a flow `model` whose velocity is the constant `v` (broadcast to the latent): x_sigma = x0 + sigma v
+    is then an exact solution of the flow ODE, so Euler and RF-Solver round trips are exact."""
+    return flow_patch(model, lambda x, t, g: v.to(x).expand_as(x).clone())
+
+
+# ------------------------------------------------------------------------------------------------ tiny SD3 / SD3.5
+# comfy.ldm.modules.diffusionmodules.mmdit.MMDiT (OpenAISignatureMMDITWrapper) at toy size. MMDiT derives its widths
+# from `depth` (hidden 64 * depth, `depth` heads of 64): depth 2 gives 2 joint blocks, hidden 128. The real SD3-medium
+# has depth 24, SD3.5-large 38 with RMS QK-norm (qk_norm "rms", as here). The context is the real 4096-wide one:
+# ComfyUI's SD3ClipModel pads the clip_l + clip_g hidden states to 4096 (comfy/text_encoders/sd3_clip.py), and the
+# context embedder is Linear(4096, hidden). Text encoders: tiny clip_l and clip_g with the real tokenizers and no T5
+# (a real SD3 configuration: DualCLIPLoader type "sd3"), so the context is the 77 CLIP tokens.
+SD3_POS_EMBED_MAX = 32  # pos_embed_max_size: latents up to 64x64 cells (patch 2)
+SD3_HIDDEN = 64 * 2
+TINY_SD3_DIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": L_DIM + G_DIM,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                        "out_features": SD3_HIDDEN}},
+    "pos_embed_max_size": SD3_POS_EMBED_MAX, "num_patches": SD3_POS_EMBED_MAX**2, "pos_embed_scaling_factor": None,
+    "qk_norm": "rms", "x_block_self_attn_layers": [], "mlp_ratio": 2.0,
+}
+
+
+def _sd3_classes():
+    """(config class, model class) of the tiny SD3; only ComfyUI 0.3.x has SD3."""
+    import comfy.model_base
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    if not hasattr(comfy.supported_models, "SD3"):
+        raise RuntimeError("this ComfyUI host (2024-03) has no SD3 classes: the tiny SD3 needs ComfyUI 0.3.x "
+                           "(e.g. COMFYUI_PATH=../shared/hosts/comfyui-0.3.64)")
+    import comfy.text_encoders.sd3_clip
+
+    class TinySD3ClipModel(comfy.text_encoders.sd3_clip.SD3ClipModel):
+        """SD3ClipModel (clip_l + clip_g hidden states concatenated and padded to 4096, pooled l + g) with tiny
+        encoders and no T5."""
+
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            torch.nn.Module.__init__(self)
+            common = dict(device=device, dtype=dtype, layer="hidden", layer_idx=-2, layer_norm_hidden_state=False,
+                          model_options=model_options or {})
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                textmodel_json_config=_config_file("l", hidden_size=L_DIM, projection_dim=L_DIM),
+                return_projected_pooled=False, **common)
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                textmodel_json_config=_config_file("g", hidden_size=G_DIM, projection_dim=G_DIM),
+                special_tokens={"start": 49406, "end": 49407, "pad": 0}, return_projected_pooled=True, **common)
+            self.t5xxl = None
+            self.t5_attention_mask = False
+            self.dtypes = {dtype}
+
+    class TinySD3(comfy.supported_models.SD3):
+        """SD3 family (subclass: family checks see SD3; CONST sampling with shift 3) at toy widths."""
+
+        def clip_target(self, state_dict=None):
+            return comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                                                          TinySD3ClipModel)
+
+    return TinySD3, comfy.model_base.SD3
+
+
+def make_sd3(seed: int = 0, qk_scale: float | None = 1.0):
+    """(MODEL, CLIP) of a tiny SD3.5-shaped model (rectified flow, CONST sampling, no guidance embedding, real CFG).
+
+    As for make_flux, the seeded init zeroes 1-d parameters, so the RMS QK-norm weights would be 0 (q = k = 0:
+    uniform attention); `qk_scale` sets them (1.0: the RMSNorm identity). The positional-embedding buffer, which
+    ComfyUI leaves uninitialised, gets seeded values."""
+    import comfy.model_management as mm
+
+    config_cls, model_cls = _sd3_classes()
+    cfg = config_cls(dict(TINY_SD3_DIT))
+    cfg.unet_config["dtype"] = torch.float32
+    with torch.inference_mode():
+        model = model_cls(cfg, device=mm.unet_offload_device())
+        init_weights(model, seed)
+        dit = model.diffusion_model
+        gen = torch.Generator().manual_seed(seed + 7)
+        dit.pos_embed.copy_(torch.randn(dit.pos_embed.shape, generator=gen) * 0.1)
+        for module in model.modules():
+            if qk_scale is not None and type(module).__name__ == "SelfAttention" and hasattr(module, "ln_q"):
+                for norm in (module.ln_q, module.ln_k):
+                    if getattr(norm, "weight", None) is not None:
+                        norm.weight.fill_(qk_scale)
+    return _model_and_clip(model, cfg, seed)
+
+
+class SD3StandIn:
+    """Stand-in MMDiT forward whose raw output is `velocity(x, timestep)` (a velocity in CONST space); installed with
+    add_object_patch("diffusion_model.forward", ...) (MMDiT has no inner _forward); BaseModel._apply_model still
+    applies CONST calculate_input / calculate_denoised."""
+
+    def __init__(self, velocity):
+        self.velocity = velocity
+
+    def __call__(self, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
+        return self.velocity(x, timesteps, None)
+
+
+def sd3_constant_velocity_patch(model, v: torch.Tensor):
+    """A clone of a tiny SD3 whose velocity is the constant `v` (see constant_velocity_patch)."""
+    m = model.clone()
+    m.add_object_patch("diffusion_model.forward", SD3StandIn(lambda x, t, g: v.to(x).expand_as(x).clone()))
     return m

@@ -254,11 +254,18 @@ class AttnEditTestTinyCheckpoint:
     CATEGORY = "Attention Edit/testing"
 
     def load(self, ckpt_name, seed=0):
-        """The family follows the placeholder's name: "xl" -> tiny SDXL ("xl" + "inpaint": its 9-channel inpainting
-        UNet), "inpaint" -> tiny SD1 9-channel inpainting UNet, "v2"/"768-v" -> tiny SD2 v-pred, else SD1."""
+        """The family follows the placeholder's name: "flux" -> tiny Flux-dev (ComfyUI 0.3.x only; its 16-channel
+        VAE), "sd3" -> tiny SD3.5-shaped MMDiT (ComfyUI 0.3.x only; the same 16-channel VAE), "xl" -> tiny SDXL ("xl" + "inpaint": its 9-channel inpainting UNet), "inpaint" -> tiny SD1 9-channel
+        inpainting UNet, "v2"/"768-v" -> tiny SD2 v-pred, else SD1."""
         import tiny_families
 
         name = str(ckpt_name).lower()
+        if "flux" in name:  # raises a clear RuntimeError on the 2024 host, which has no Flux
+            model, clip = tiny_families.make_flux(seed)
+            return (model, clip, tiny_families.make_flux_vae(seed + 2))
+        if "sd3" in name:  # raises a clear RuntimeError on the 2024 host, which has no SD3
+            model, clip = tiny_families.make_sd3(seed)
+            return (model, clip, tiny_families.make_flux_vae(seed + 2))
         if "xl" in name and "inpaint" in name:
             model, clip = tiny_families.make_sdxl(seed + 3, inpaint=True)
         elif "inpaint" in name:
