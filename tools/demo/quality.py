@@ -183,9 +183,16 @@ def maps_apart_scores(attention, scene: world.Scene = TWO) -> dict:
             "maps_overlap": iou(circle, square)}
 
 
+# At 128 px the maps Mask from Attention reads are 4x4 cells (latent 16x16 / 4, as P2P's 16x16 maps at 512 px): P2P's
+# 3x3 max-pool (dilation 1), meant for 16x16 maps, grows a centred object's cells over the whole picture there, so the
+# masks here use dilation 0, what a user would set at this size.
+MASK_DILATION = 0
+
+
 def attention_mask(attention, words: str, mode: str = "local blend", image=None) -> np.ndarray:
+    knobs = {"dilation": MASK_DILATION} if mode == "local blend" else {}
     mask = call("AttnEditMaskFromAttention", attention=attention, mode=mode, words=words,
-                image=scene_image(SOURCE) if image is None else image)[0]
+                image=scene_image(SOURCE) if image is None else image, **knobs)[0]
     return mask[0].numpy() >= 0.5
 
 
@@ -220,6 +227,22 @@ def background_change(img: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> flo
     """Mean absolute RGB difference (0..1) outside the dilated mask."""
     outside = ~dilate(mask)
     return float(np.abs(img[outside] - ref[outside]).mean())
+
+
+def best_grid_iou(mask: np.ndarray, grid: int = 4) -> float:
+    """The highest IoU with `mask` [H, W] that a union of cells of a grid x grid partition can reach: what a mask
+    from attention maps on that grid (nearest upsampling) can reach at best. Exhaustive over the cells the mask
+    touches (at most nine for the world's objects on a 4x4 grid)."""
+    h, w = mask.shape
+    cells = [(mask[i * h // grid:(i + 1) * h // grid, j * w // grid:(j + 1) * w // grid].sum(),
+              (h // grid) * (w // grid)) for i in range(grid) for j in range(grid)]
+    touched = [c for c in cells if c[0] > 0]
+    best, total = 0.0, float(mask.sum())
+    for bits in range(1, 2 ** len(touched)):
+        chosen = [c for k, c in enumerate(touched) if bits >> k & 1]
+        inter = sum(c[0] for c in chosen)
+        best = max(best, inter / (sum(c[1] for c in chosen) + total - inter))
+    return best
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

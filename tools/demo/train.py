@@ -269,7 +269,7 @@ def train_vae(args, device, state: dict, out: str) -> None:
         rec2 = vae.decode(vae.encode(x))
     LOG.info("vae done: held-out PSNR %.2f dB (after fold %.2f dB), latent stats %s, %.0fs", vae_psnr,
              psnr(rec2, x), json.dumps(stats), time.time() - started)
-    for key in ("model", "opt", "ema", "step", "rng", "diffusion_seconds"):
+    for key in ("model", "opt", "ema", "step", "rng", "diffusion_seconds", "localize_from_step"):
         state.pop(key, None)
     state.update({"stage": "diffusion", "vae": vae.state_dict(), "vae_psnr": vae_psnr, "latent_stats": stats,
                   "vae_seconds": state.get("vae_seconds", 0) + time.time() - started, "vae_steps": first + total})
