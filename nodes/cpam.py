@@ -140,6 +140,12 @@ def _patch(model, inversion, clip, source_mask, target_prompt, strategy, **knobs
     sites = hooks.unet_sites(model)
     layers = cpam.layer_numbering([(s.block, s.index) for s in sites])
     attention = cpam.attention_layers([(s.block, s.index, s.depth) for s in sites])
+    unread = _unread_knobs(spec, knobs)
+    if unread:
+        warn(NODE, f"{', '.join(f'`{n}`' for n in unread)} {'is' if len(unread) == 1 else 'are'} not used by strategy "
+                   f"{spec.name!r} (start_step / start_layer: 'edit object' only; refine_step: the edit and replace "
+                   "strategies; object_words / refine_threshold: their mask refinement; background_prompt: 'regional "
+                   "prompts'); leave them at their defaults.")
     start_layer = _start_layer(int(knobs["start_layer"]), [(s.block, s.index, s.level) for s in sites], len(layers),
                                spec)
     start_step, refine_step = _run_steps(int(knobs["start_step"]), int(knobs["refine_step"]), inversion.steps, spec,
@@ -192,6 +198,16 @@ def _patch_flux(model, inversion, clip, source_mask, target_prompt, spec: cpam.S
     patched = hooks.add_controller(model, controller)
     patched = hooks.add_step_hook(patched, kvedit.BackgroundLatentBlend(editable.to(device)))
     return (bind_inversion(NODE, patched, inversion), target)
+
+
+def _unread_knobs(spec: cpam.Strategy, knobs: dict) -> list[str]:
+    """The knobs set away from their defaults that `spec` never reads (UNet path)."""
+    read = {"start_step": spec.retain_object, "start_layer": spec.retain_object,
+            "refine_step": spec.target_mask == "expand", "object_words": spec.refine,
+            "refine_threshold": spec.refine and bool(split_words(knobs["object_words"])),
+            "background_prompt": spec.outside == "region"}
+    defaults = _defaults()
+    return [name for name, used in read.items() if not used and knobs[name] != defaults[name]]
 
 
 def _defaults() -> dict:
@@ -258,8 +274,7 @@ def _object_tokens(clip, target_tokens, object_words: str, spec: cpam.Strategy) 
     words = split_words(object_words)
     if not words:
         return ()
-    if not spec.refine:
-        log.info("%s: object_words are only used by the edit/replace strategies; ignored for %r", NODE, spec.name)
+    if not spec.refine:  # warned by _unread_knobs
         return ()
     positions: set[int] = set()
     for word in words:

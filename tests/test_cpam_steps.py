@@ -206,6 +206,29 @@ def test_values_that_never_act_are_warned(tiny, caplog):
     assert ctrl.start_step == 9 and ctrl.refine_step == 9
 
 
+def test_knobs_the_strategy_does_not_read_are_warned(tiny, caplog):
+    """A knob changed from its default that the chosen strategy never reads is named in a warning (it would otherwise
+    do nothing silently); at the defaults, or on a strategy that reads it, there is no such warning."""
+    inv = invert(tiny, 10)[0]
+    kw = dict(model=tiny.model, inversion=inv, clip=tiny.clip, source_mask=box(16, 16, 4, 5, 6, 5))
+    with caplog.at_level(logging.WARNING):
+        call_node("AttnEditCPAMSelfAttn", strategy="remove object", target_prompt="", start_step=10, start_layer=3,
+                  refine_step=20, object_words="cat", background_prompt="a beach", **kw)
+    assert ("`start_step`, `start_layer`, `refine_step`, `object_words`, `background_prompt` are not used by strategy "
+            "'remove object'") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        call_node("AttnEditCPAMSelfAttn", strategy="replace object", target_prompt="a photo of a dog", start_step=10,
+                  refine_threshold=0.5, **kw)
+    assert "`start_step`, `refine_threshold` are not used by strategy 'replace object'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        call_node("AttnEditCPAMSelfAttn", strategy="remove object", target_prompt="", **kw)
+        call_node("AttnEditCPAMSelfAttn", strategy="edit object (keep identity)", target_prompt="a photo of a cat",
+                  start_step=10, start_layer=3, refine_step=20, object_words="cat", refine_threshold=0.5, **kw)
+    assert "not used by strategy" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ Alg. 1 l.3
 def test_cpam_pins_the_source_branch_to_the_inversion_latents(tiny, caplog):
     inv, _, _, recon, _, _ = invert(tiny, 4, method="null_text", source_prompt="a photo of a cat", inner_steps=2)
