@@ -107,6 +107,10 @@ class AttnEditInvert:
             warn(NODE, f"`cfg` {cfg:g} on a guidance-distilled Flux MODEL runs a negative pass per step and the "
                        "reconstruction drifts from the inversion (which runs at cfg 1); Flux-dev is used with cfg 1.0 "
                        "and its `guidance` embedding instead.")
+        unread = _unread_knobs(method, inner_steps, capture_self, guidance, flow_model,
+                               comfy_model.guidance_embedded(model))
+        if unread:
+            warn(NODE, f"{', '.join(unread)}; leave {'it' if len(unread) == 1 else 'them'} at the default.")
         source_prompt = _source_prompt(method, source_prompt, negative_prompt)
         source = comfy_model.with_guidance(model, comfy_model.encode_text(clip, source_prompt), guidance)
         check_text_encoder(NODE, model, source, "`clip`")
@@ -144,6 +148,20 @@ def _check_method(model, method: str, flow_model: bool) -> None:
         raise AttnEditError(
             NODE, f"`method` {method!r} inverts rectified-flow models (Flux); this {family} MODEL is a "
                   f"DDIM model. Choose one of {', '.join(UNET_METHODS)} (ddim is the plain inversion).")
+
+
+def _unread_knobs(method: str, inner_steps: int, capture_self: bool, guidance: float, flow_model: bool,
+                  guidance_model: bool) -> list[str]:
+    """What a knob set away from its default does not do with this method / model (each a clause for the warning)."""
+    unread = []
+    if method != "null_text" and inner_steps != null_text.NULL_TEXT_INNER_STEPS:
+        unread.append(f"`inner_steps` {inner_steps} is only used by method null_text (this is {method})")
+    if capture_self and flow_model:
+        unread.append("`capture_self_attention` keeps UNet self-attention maps (DPL's background masks); a flow "
+                      "model has none to keep")
+    if not guidance_model and guidance != comfy_model.FLUX_DEFAULT_GUIDANCE:
+        unread.append(f"`guidance` {guidance:g} is only used by models with a guidance embedding (Flux-dev)")
+    return unread
 
 
 def _source_prompt(method: str, source_prompt: str, negative_prompt: str) -> str:

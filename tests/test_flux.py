@@ -276,3 +276,16 @@ def test_flux_schedule_is_the_simple_scheduler_of_its_model_sampling(flux):
     model, clip = flux
     sigmas = invert(model, clip, "flow_euler", steps=5)[2]
     assert torch.equal(sigmas, comfy.samplers.simple_scheduler(model.get_model_object("model_sampling"), 5))
+
+
+@pytest.mark.newer_host(NEWER)
+def test_capture_self_attention_on_flux_is_warned(flux, caplog):
+    """Invert Image's capture_self_attention keeps UNet self-attention maps; on Flux it is named in a warning (the
+    guidance knob, read by Flux-dev, is not)."""
+    import logging
+
+    model, clip = flux
+    with caplog.at_level(logging.WARNING):
+        invert(model, clip, "flow_euler", steps=2, capture_self_attention=True, guidance=5.0)
+    assert "`capture_self_attention` keeps UNet self-attention maps" in caplog.text
+    assert "`guidance`" not in caplog.text

@@ -260,3 +260,18 @@ def test_patch_nodes_leave_the_weight_patch_warning_to_the_sampler(tiny, inv, ca
         call_node("AttnEditEditSampler", model=mag, inversion=inv)
     assert caplog.text.count("weight patches (") == 1 and "Attention Edit Sampler: the MODEL's weight patches" in \
         caplog.text
+
+
+def test_invert_warns_about_knobs_the_method_or_model_does_not_read(tiny, caplog):
+    """inner_steps away from its default on a method other than null_text, and guidance away from its default on a
+    model without a guidance embedding, are named in a warning; at their defaults, or where they are read, nothing."""
+    with caplog.at_level(logging.WARNING):
+        invert(tiny.model, tiny.clip, inner_steps=3, guidance=5.0)
+    assert "`inner_steps` 3 is only used by method null_text (this is ddim)" in caplog.text
+    assert "`guidance` 5 is only used by models with a guidance embedding (Flux-dev)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        invert(tiny.model, tiny.clip)
+        call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=SRC, method="null_text", steps=2,
+                  cfg=7.5, latent=make_latent(seed=8), inner_steps=3)
+    assert "is only used by" not in caplog.text
