@@ -71,6 +71,9 @@ TEST_MAP = {
     "masks/from_attention.py": FAST + ["tests/test_masks.py", "tests/test_dpl_background.py"],
     "attention/store.py": FAST + ["tests/test_masks.py"],
     "masks/preview.py": FAST + ["tests/test_masks.py"],
+    # Flux: these tests need ComfyUI 0.3.x (run with COMFYUI_PATH pointing at it)
+    "inversion/flow.py": FAST + ["tests/test_flux.py"],
+    "attention/kvedit.py": FAST + ["tests/test_flux_attention.py"],
 }
 # The realistic one-line bugs of issue 22 that the suite used to miss: (file, text, replacement).
 PLANTED = [
