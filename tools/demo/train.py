@@ -275,7 +275,7 @@ def train_vae(args, device, state: dict, out: str) -> None:
     save(state, out)
 
 
-def word_token_positions(caption: str, captions: "Captions") -> list[int]:
+def word_token_positions(caption: str, captions: Captions) -> list[int]:
     """Token index of each word of `caption` (index 0 is the start token; every word of the grammar is one token)."""
     words = caption.split()
     ids = captions(caption)
@@ -285,7 +285,7 @@ def word_token_positions(caption: str, captions: "Captions") -> list[int]:
     return [1 + i for i in range(len(words))]
 
 
-def object_word_tokens(scene: world.Scene, captions: "Captions") -> list[tuple[list[int], np.ndarray]]:
+def object_word_tokens(scene: world.Scene, captions: Captions) -> list[tuple[list[int], np.ndarray]]:
     """(token positions of the object's colour and shape words, ground-truth mask [128, 128]) per object; objects in
     caption order (left to right), as world.caption writes them."""
     positions = word_token_positions(scene.caption, captions)
