@@ -232,7 +232,7 @@ def background_change(img: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> flo
 def best_grid_iou(mask: np.ndarray, grid: int = 4) -> float:
     """The highest IoU with `mask` [H, W] that a union of cells of a grid x grid partition can reach: what a mask
     from attention maps on that grid (nearest upsampling) can reach at best. Exhaustive over the cells the mask
-    touches (at most nine for the world's objects on a 4x4 grid)."""
+    touches (at most the 16 cells of a 4x4 grid)."""
     h, w = mask.shape
     cells = [(mask[i * h // grid:(i + 1) * h // grid, j * w // grid:(j + 1) * w // grid].sum(),
               (h // grid) * (w // grid)) for i in range(grid) for j in range(grid)]
