@@ -24,7 +24,6 @@ Solver = Callable[[Velocity, torch.Tensor, float, float], tuple[torch.Tensor, to
 
 EULER = "flow_euler"
 RF_SOLVER = "rf_solver"
-MODEL_CALLS = {EULER: 1, RF_SOLVER: 2}  # velocity evaluations per step
 
 
 def euler_step(velocity: Velocity, x: torch.Tensor, sigma: float, sigma_next: float

@@ -252,8 +252,13 @@ def test_flow_steps_invert_and_sample_by_hand():
     assert calls == [0.0, pytest.approx(0.2), pytest.approx(0.6)] and torch.equal(latents[3], x)
     assert torch.allclose(latents[2], x + 0.2 * torch.sin(x))  # v(x, 0) = sin(x)
     calls.clear()
-    flow.sample(velocity, latents[0], sigmas, flow.rf_solver_step)
+    seen = []
+    flow.sample(velocity, latents[0], sigmas, flow.rf_solver_step, on_step=lambda i, xn, d: seen.append((i, xn, d)))
     assert calls[::2] == [1.0, pytest.approx(0.6), pytest.approx(0.2)]
+    # the step's x0 estimate (previews, step hooks): x - sigma * v at the step's start, as ComfyUI's CONST
+    assert [i for i, _, _ in seen] == [0, 1, 2]
+    assert torch.allclose(seen[0][2], latents[0] - 1.0 * velocity(latents[0], 1.0))
+    assert torch.allclose(flow.denoised_from_velocity(x, torch.ones(3), 0.4), x - 0.4)
     with pytest.raises(ValueError, match="flow method 'heun' is unknown"):
         flow.solver_of("heun")
 
