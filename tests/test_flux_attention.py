@@ -4,6 +4,8 @@ Prompt-to-Prompt on the joint attention, T5 words. On the tiny Flux built from C
 
 The pure joint maths (attention/joint.py) is checked by hand on both hosts; everything that runs Flux is newer_host."""
 
+import types
+
 import pytest
 import tiny_families
 import torch
@@ -315,6 +317,51 @@ def test_background_keys_and_values_come_from_the_source_by_hand():
     assert not torch.allclose(out[1], host(q, k, v)[1], atol=1e-4)
 
 
+def test_background_kv_with_one_background_token_and_only_with_both_rows():
+    """Three of four cells editable: the one background token (position 6) still comes from the source. The controller
+    acts only in runs that have both a source and a target row."""
+    joint, run_mod, layers, kvedit = (pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers"),
+                                      pkg("attention.kvedit"))
+    merge = pkg("attention.core").merge_heads
+    q, k, v = _qkv(seed=1)
+    mask = torch.ones(1, 4, 4)
+    mask[0, 2:, 2:] = 0.0  # token cell (1, 1) is the only background cell
+    ctrl = kvedit.JointBackgroundKV(mask)
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"))
+
+    def host(q_, k_, v_):
+        return merge(torch.softmax(q_ @ k_.transpose(-1, -2) / 2.0, -1) @ v_)
+
+    out = joint.joint_dispatch(q, k, v, joint.JointLayout(3, (2, 2)), layers.AttnSite("single", 0, 0, layers.FLUX_LEVEL),
+                               run_mod.BatchLayout.from_call(2, [0]), run, 1.0, (ctrl,), None, host)
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 6], v2[1, :, 6] = k[0, :, 6], v[0, :, 6]
+    assert torch.allclose(out, host(q, k2, v2), atol=1e-6)
+    assert not torch.allclose(out[1], host(q, k, v)[1], atol=1e-4)
+    call = types.SimpleNamespace
+    assert not ctrl.active(call(run=None))
+    for roles, expected in ((("source",), False), (("target",), False), (("source", "target"), True)):
+        assert ctrl.active(call(run=types.SimpleNamespace(roles=roles))) is expected, roles
+
+
+def test_background_latent_blend_keeps_the_target_inside_and_the_source_outside():
+    """After a step: target = source + M (target - source) with M the mask binarised at coverage 0.5 (0.6 -> inside,
+    0.4 -> outside); the source row is unchanged."""
+    kvedit, edit_mod = pkg("attention.kvedit"), pkg("inversion.edit")
+    mask = torch.zeros(1, 3, 3)
+    mask[0, 0, 0], mask[0, 0, 1], mask[0, 0, 2] = 1.0, 0.6, 0.4
+    g = torch.Generator().manual_seed(2)
+    x_next = torch.randn(2, 4, 3, 3, generator=g)
+    ctx = edit_mod.StepContext(0, torch.tensor([1.0, 0.0]), ("source", "target"), x_next, None, {},
+                               torch.zeros(2, 4, 3, 3), x_next=x_next.clone())
+    kvedit.BackgroundLatentBlend(mask).after_step(ctx)
+    inside = torch.zeros(3, 3, dtype=torch.bool)
+    inside[0, 0] = inside[0, 1] = True
+    assert torch.equal(ctx.x_next[0], x_next[0])
+    assert torch.allclose(ctx.x_next[1][:, inside], x_next[1][:, inside], atol=1e-6)  # s + 1 (t - s): rounding
+    assert torch.equal(ctx.x_next[1][:, ~inside], x_next[0][:, ~inside])
+
+
 @pytest.mark.newer_host(NEWER)
 def test_cpam_on_flux_preserves_the_background_bit_for_bit(flux, flux_inv):
     """CPAM 'replace object' on Flux: outside the (expanded) mask the edit equals the pinned source exactly; inside it
@@ -324,7 +371,7 @@ def test_cpam_on_flux_preserves_the_background_bit_for_bit(flux, flux_inv):
     mask[:, 32:96, 40:88] = 1.0
     patched, _target = call_node("AttnEditCPAMSelfAttn", model=model, inversion=flux_inv, clip=clip, source_mask=mask,
                                  target_prompt=TGT, strategy="replace object", mask_expand=0.0)
-    edited, source, _store = edit(patched, flux_inv, source_branch="pin to inversion")
+    edited, source, _store = edit(patched, flux_inv)  # the controller pins the source branch by itself
     cm = pkg("inversion.comfy_model")
     assert torch.equal(source, cm.latent_to_raw(model, flux_inv.latents[-1]))
     inside = torch.zeros(16, 16, dtype=torch.bool)
