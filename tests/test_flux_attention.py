@@ -318,14 +318,15 @@ def test_background_keys_and_values_come_from_the_source_by_hand():
 
 
 def test_background_kv_with_one_background_token_and_only_with_both_rows():
-    """Three of four cells editable: the one background token (position 6) still comes from the source. The controller
-    acts only in runs that have both a source and a target row."""
+    """Three of four cells editable: the one background token (position 6, a quarter of it painted: coverage below 0.5)
+    still comes from the source. The controller acts only in runs that have both a source and a target row."""
     joint, run_mod, layers, kvedit = (pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers"),
                                       pkg("attention.kvedit"))
     merge = pkg("attention.core").merge_heads
     q, k, v = _qkv(seed=1)
     mask = torch.ones(1, 4, 4)
-    mask[0, 2:, 2:] = 0.0  # token cell (1, 1) is the only background cell
+    mask[0, 2:, 2:] = 0.0  # token cell (1, 1) is the only background cell ...
+    mask[0, 3, 3] = 1.0  # ... also with a quarter of it editable (coverage < 0.5: background)
     ctrl = kvedit.JointBackgroundKV(mask)
     run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"))
 
