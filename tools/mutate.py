@@ -74,6 +74,7 @@ TEST_MAP = {
     # Flux: these tests need ComfyUI 0.3.x (run with COMFYUI_PATH pointing at it)
     "inversion/flow.py": FAST + ["tests/test_flux.py"],
     "attention/kvedit.py": FAST + ["tests/test_flux_attention.py"],
+    "attention/joint.py": FAST + ["tests/test_flux_attention.py"],
 }
 # The realistic one-line bugs of issue 22 that the suite used to miss: (file, text, replacement).
 PLANTED = [
