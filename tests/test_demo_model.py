@@ -162,6 +162,27 @@ def test_localisation_loss_is_the_share_of_word_attention_off_the_object():
     assert float(train.localisation_loss([inside, outside], targets)) == pytest.approx(0.5, abs=1e-6)
 
 
+def test_localisation_coverage_term_is_zero_only_for_a_map_spread_over_the_whole_object():
+    """The coverage term: total variation distance between the normalised map and the normalised mask. A map on one
+    of the object's four cells has full mass share but overlaps the mask's distribution by 1/4, so with coverage 1
+    its loss is 0.75; a flat map adds 0.75 to its 0.75; the evenly spread map's is 0."""
+    from demo import train
+
+    mask = np.zeros((128, 128), bool)
+    mask[:64, :64] = True  # cells 0, 1, 4, 5 of a 4x4 grid
+    spread = torch.zeros(1, 16, 77)
+    spread[0, [0, 1, 4, 5], 3] = 0.25
+    one_cell = torch.zeros(1, 16, 77)
+    one_cell[0, 0, 3] = 1.0
+    targets = [[([3], mask)]]
+    assert float(train.localisation_loss([one_cell], targets)) == pytest.approx(0.0, abs=1e-6)  # mass share alone
+    assert float(train.localisation_loss([one_cell], targets, coverage=1.0)) == pytest.approx(0.75, abs=1e-5)
+    assert float(train.localisation_loss([one_cell], targets, coverage=0.2)) == pytest.approx(0.15, abs=1e-5)
+    flat = torch.full((1, 16, 77), 1 / 77)
+    assert float(train.localisation_loss([flat], targets, coverage=1.0)) == pytest.approx(1.5, abs=1e-5)
+    assert float(train.localisation_loss([spread], targets, coverage=1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_attention_recorder_computes_the_default_attention():
     """The training's attn2 replacement returns what the host's attention returns and keeps head-averaged maps."""
     import comfy.ldm.modules.attention as attention

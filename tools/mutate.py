@@ -6,6 +6,7 @@ that the mapped test files fail. Stdlib + the venv's pytest; not part of CI (min
     .venv/bin/python tools/mutate.py run --planted --out out/planted  # the realistic bugs of issue 22
     .venv/bin/python tools/mutate.py verify out/mutation/results.jsonl # re-run survivors in a fresh process
     .venv/bin/python tools/mutate.py report out/mutation/results.jsonl > docs/mutation_run.md
+    .venv/bin/python tools/mutate.py run --sample 5 --seed 0 --out out/sample   # 5 mutants per file, seeded
 
 The real files are never edited: the tree is copied to a temporary folder and the host (tools/comfy_host.py) loads
 the pack from that copy. Two ways of running a mutant:
@@ -246,6 +247,20 @@ def planted() -> list[Mutant]:
     return out
 
 
+def sample(mutants: list[Mutant], per_file: int, seed: int) -> list[Mutant]:
+    """A uniform random sample of `per_file` mutants of each file (all of a file with fewer), in source order; the
+    same seed and sources give the same sample."""
+    import random
+
+    out = []
+    for rel in dict.fromkeys(m.file for m in mutants):
+        mine = [m for m in mutants if m.file == rel]
+        rng = random.Random(f"{seed}:{rel}")
+        keep = set(rng.sample(range(len(mine)), min(per_file, len(mine))))
+        out += [m for i, m in enumerate(mine) if i in keep]
+    return out
+
+
 def tests_for(rel: str) -> list[str]:
     if rel in TEST_MAP:
         return TEST_MAP[rel]
@@ -474,6 +489,9 @@ def main(argv=None) -> int:
     rn.add_argument("--mode", choices=("fork", "subprocess"), default="fork")
     rn.add_argument("--timeout", type=float, help="seconds per mutant (default 3 x baseline + 20)")
     rn.add_argument("--tests", nargs="*", help="test files to run instead of the mapped ones")
+    rn.add_argument("--sample", type=int, default=0,
+                    help="a seeded uniform sample of this many mutants per file (0: all); the estimate of a whole run")
+    rn.add_argument("--seed", type=int, default=0, help="seed of --sample")
     rn.add_argument("--survivors", action="store_true",
                     help="re-run only the survivors recorded in OUT/results.jsonl (after adding tests)")
     vf = sub.add_parser("verify", help="re-run the survivors of a results file in subprocess mode")
@@ -523,6 +541,8 @@ def main(argv=None) -> int:
         shutil.rmtree(verify_dir, ignore_errors=True)
         return 0
     mutants = planted() if args.planted else select(args.files, args.ops, args.lines)
+    if args.sample:
+        mutants = sample(mutants, args.sample, args.seed)
     if args.survivors:
         alive = {r["id"] for r in load(os.path.join(args.out, "results.jsonl")) if r["status"] == "survived"}
         mutants = [m for m in mutants if m.id in alive]

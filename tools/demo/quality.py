@@ -137,6 +137,30 @@ def cpam_remove(bundle, scene: world.Scene, inversion=None) -> EditResult:
     return EditResult(decode(vae, latent))
 
 
+def attention_ablation(bundle, scene: world.Scene, inversion_outputs, ablate: str) -> EditResult:
+    """Diagnosis of the CPAM removal failure: denoise the inversion's noise latent with the source prompt (plain
+    ComfyUI SamplerCustom, DDIM, cfg CFG, empty negative) while every self-attention ("self"), cross-attention
+    ("cross") or both ("both") output is zeroed through ComfyUI's attn1/attn2 output patches; "none" zeroes nothing.
+    If the object survives with no attention at all, no attention-only removal can take it out of this model."""
+    import comfy_extras.nodes_custom_sampler as cs
+
+    import nodes
+
+    model, clip, vae = bundle
+    patched = model.clone()
+    if ablate in ("self", "both"):
+        patched.set_model_attn1_output_patch(lambda n, _extra: torch.zeros_like(n))
+    if ablate in ("cross", "both"):
+        patched.set_model_attn2_output_patch(lambda n, _extra: torch.zeros_like(n))
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(clip, scene.caption)[0]
+        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+        sampler = cs.KSamplerSelect().get_sampler("ddim")[0]
+        out = cs.SamplerCustom().sample(patched, False, 0, CFG, pos, neg, sampler, inversion_outputs[2],
+                                        inversion_outputs[1])[0]
+    return EditResult(decode(vae, out))
+
+
 MAG_ITERATIONS, MAG_GUIDANCE_STEPS, MAG_BLEND_STEPS, MAG_SCALE = 3, 5, 5, 2.5  # 10-step schedule; scale: workflow 07
 
 
@@ -284,6 +308,10 @@ def table() -> str:
     r = removal_scores(cpam_remove(bundle, SOURCE, inv[0]))
     lines.append(f"\nCPAM remove object: background share in the object {r['background_share']:.2f}, background "
                  f"change {r['background_change']:.3f}")
+    shares = {a: removal_scores(attention_ablation(bundle, SOURCE, inv, a))["background_share"]
+              for a in ("none", "self", "cross", "both")}
+    lines.append("\nDenoising the inverted latent with attention outputs zeroed (background share in the object): "
+                 + ", ".join(f"{a} {v:.2f}" for a, v in shares.items()))
     att = rows["P2P word swap + local blend 'circle'"].attention
     for mode in ("local blend", "instant"):
         m = attention_mask(att, "circle", mode)
