@@ -677,3 +677,61 @@ def test_mask_preview_frames_tint_the_mask_red_at_half_strength():
     heat = torch.rand(2, 3, generator=torch.Generator().manual_seed(2))
     assert torch.equal(frames[0], visualize.heatmap_overlay(image, heat))
     assert torch.equal(preview.canvas((3, 5)), torch.full((3, 5, 3), 0.5))
+
+
+# (tools/mutate.py --sample over the technique modules: docs/mutation.md, fifth run)
+def test_heat_map_ramp_hits_its_stops_and_interpolates_between_them():
+    """colorize: value 0 -> the first stop, 1 -> the last, 0.5 -> the middle (green) stop, 0.625 -> halfway between
+    the middle and the yellow stop; five stops span [0, 1] in quarters."""
+    visualize = pkg("attention.visualize")
+    ramp = visualize._RAMP
+    out = visualize.colorize(torch.tensor([[0.0, 0.5, 0.625, 1.0]]))
+    assert torch.allclose(out[0, 0], ramp[0]) and torch.allclose(out[0, 3], ramp[-1])
+    assert torch.allclose(out[0, 1], torch.tensor([0.18, 0.90, 0.55]))
+    assert torch.allclose(out[0, 2], (ramp[2] + ramp[3]) / 2)
+
+
+def test_dpl_progress_counts_token_and_null_text_updates_per_step():
+    settings = pkg("inversion.dpl").DPLSettings(token_iterations=3, null_text_iterations=2)
+    assert settings.units_per_step() == 5
+
+
+def test_kmeans_empty_cluster_keeps_its_centre():
+    """A Lloyd step whose third centre attracts no point leaves that centre where it was (not at the origin)."""
+    background = pkg("masks.background")
+    x = torch.tensor([[0.0, 0.0], [0.2, 0.0], [10.0, 10.0], [10.2, 10.0]])
+    centers = torch.tensor([[0.1, 0.0], [10.1, 10.0], [50.0, -50.0]])
+    labels, new, _ = background._lloyd(x, centers, max_iter=1, tol=0.0)
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert torch.equal(new[2], centers[2]) and torch.allclose(new[:2], centers[:2])
+
+
+def test_kmeans_takes_the_best_of_exactly_inits_seedings():
+    """inits=1 returns the first seeding's clustering even where a second seeding would reach a lower inertia, and
+    inits=2 returns that better second one (a data set with both found among seeds 0..199 of a fixed point cloud)."""
+    background = pkg("masks.background")
+    x = torch.rand(40, 2, generator=torch.Generator().manual_seed(0))
+    k, found = 4, None
+    for seed in range(200):
+        gen = torch.Generator().manual_seed(seed)
+        first = background._lloyd(x, background._kmeans_pp(x, k, gen), 300, 0.0)
+        second = background._lloyd(x, background._kmeans_pp(x, k, gen), 300, 0.0)
+        if second[2] < first[2] - 1e-6 and not torch.equal(first[0], second[0]):
+            found = seed, first[0], second[0]
+            break
+    assert found is not None, "no seed where the second seeding wins"
+    seed, first_labels, second_labels = found
+    assert torch.equal(background.kmeans(x, k, seed=seed, inits=1, tol=0.0), first_labels)
+    assert torch.equal(background.kmeans(x, k, seed=seed, inits=2, tol=0.0), second_labels)
+
+
+def test_instant_refined_map_leaves_neutral_words_out():
+    """Eq. 9's input: relu(minmax(mean of +1 maps) - minmax(mean of -1 maps)); a role-0 word is in neither mean."""
+    instant = pkg("masks.instant")
+    per_word = torch.zeros(3, 2, 2)
+    per_word[0, 0, 0] = 1.0  # +1 word: top-left
+    per_word[1, 1, 1] = 5.0  # neutral word: bottom-right (would enter the +1 mean if 0 counted as positive)
+    per_word[2, 0, 1] = 1.0  # -1 word: top-right
+    roles = instant.InstantRoles(0, torch.zeros(3), torch.tensor([1, 0, -1]))
+    out = instant.refined_map(per_word, torch.zeros(2, 2), roles)
+    assert torch.equal(out, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))

@@ -50,6 +50,9 @@ def test_official_sizes_are_recognised(model_type):
     assert config.model_type == model_type
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
         {k: v.shape for k, v in official.state_dict().items()}
+    # the same normalisation constants too (the image encoder's LayerNorms use eps 1e-6, as build_sam's)
+    assert [(n, m.eps) for n, m in rebuilt.named_modules() if hasattr(m, "eps")] == \
+        [(n, m.eps) for n, m in official.named_modules() if hasattr(m, "eps")]
 
 
 def test_masks_have_the_image_shape_dtype_and_batch(tiny_sam):
@@ -135,3 +138,32 @@ def test_folder_registration_is_idempotent_and_shares_an_existing_entry(tiny_sam
     paths = folder_paths.get_folder_paths("sams")
     assert paths == before and paths.count(default) == 1, "registered once, other packs' folders kept"
     assert os.path.join(tiny_models.scratch_dir(), "sams") in paths  # the test's own folder (tiny_sam) is kept
+
+
+def test_a_new_sams_folder_is_models_sams_with_the_sam_extensions(monkeypatch):
+    """Without a "sams" entry: models/sams is registered as the only path and .pth/.safetensors are listed."""
+    import folder_paths
+
+    io = pkg("masks.comfy_io")
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "sams", raising=False)
+    default = io.register_sam_folder()
+    assert default == os.path.join(folder_paths.models_dir, "sams")
+    paths, extensions = folder_paths.folder_names_and_paths["sams"]
+    assert paths == [default] and set(extensions) == set(sam().SAM_EXTENSIONS)
+
+
+def test_an_existing_every_file_sams_entry_stays_every_file(monkeypatch):
+    """Another pack's "sams" entry with an empty extension set (ComfyUI: every file) keeps it empty; our path is
+    appended after theirs."""
+    import folder_paths
+
+    io = pkg("masks.comfy_io")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sams", (["/elsewhere/sams"], set()))
+    default = io.register_sam_folder()
+    paths, extensions = folder_paths.folder_names_and_paths["sams"]
+    assert paths == ["/elsewhere/sams", default] and extensions == set()
+
+
+def test_progress_bar_totals():
+    io = pkg("masks.comfy_io")
+    assert io.progress_bar(5).total == 5 and io.progress_bar(0).total == 1
