@@ -735,3 +735,41 @@ def test_instant_refined_map_leaves_neutral_words_out():
     roles = instant.InstantRoles(0, torch.zeros(3), torch.tensor([1, 0, -1]))
     out = instant.refined_map(per_word, torch.zeros(2, 2), roles)
     assert torch.equal(out, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_row_override_replaces_only_sequences_equal_to_a_chunk():
+    """RowOverride: a sequence equal to chunk 1 gets the learned row at its position (prompt-wide 77 + 2); a sequence
+    that only shares some ids with a chunk (start token, padding) passes through as the host's embedding."""
+    text = pkg("inversion.dpl_text")
+    base = torch.nn.Embedding(10, 3)
+    chunks = torch.tensor([[0, 1, 2, 9, 9], [0, 3, 4, 9, 9]])
+    override = text.RowOverride(base, chunks, [text.CHUNK + 2], torch.full((1, 3), 7.0))
+    tokens = torch.tensor([[0, 3, 4, 9, 9], [0, 5, 6, 9, 9], [0, 1, 2, 9, 9]])
+    with torch.no_grad():
+        out, plain = override(tokens), base(tokens)
+    assert torch.equal(out[0, 2], torch.full((3,), 7.0)) and torch.equal(out[0, [0, 1, 3, 4]], plain[0, [0, 1, 3, 4]])
+    assert torch.equal(out[1], plain[1]) and torch.equal(out[2], plain[2])  # partial match; chunk 0 has no position
+    assert override.hits == 1
+
+
+def test_row_encoder_refuses_a_prompt_with_a_textual_inversion_embedding():
+    """A token that is an embedding vector (ComfyUI's `embedding:name`) instead of an id is refused by name."""
+    from types import SimpleNamespace
+
+    text = pkg("inversion.dpl_text")
+
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(10, 3)
+
+        def get_input_embeddings(self):
+            return self.table
+
+    clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=SimpleNamespace(transformer=Transformer())),
+                           tokenize=lambda _text: {"l": [[(0, 1.0), (torch.zeros(3), 1.0), (9, 1.0)]]})
+    with pytest.raises(text.LearnedRowsError, match="textual-inversion embedding"):
+        text.RowEncoder(clip, SimpleNamespace(text="a embedding:thing"), [1])
+    plain = SimpleNamespace(cond_stage_model=clip.cond_stage_model,
+                            tokenize=lambda _text: {"l": [[(0, 1.0), (5, 1.0), (9, 1.0)]]})
+    assert text.RowEncoder(plain, SimpleNamespace(text="a thing"), [1]).chunk_ids["l"].tolist() == [[0, 5, 9]]
