@@ -773,3 +773,50 @@ def test_row_encoder_refuses_a_prompt_with_a_textual_inversion_embedding():
     plain = SimpleNamespace(cond_stage_model=clip.cond_stage_model,
                             tokenize=lambda _text: {"l": [[(0, 1.0), (5, 1.0), (9, 1.0)]]})
     assert text.RowEncoder(plain, SimpleNamespace(text="a thing"), [1]).chunk_ids["l"].tolist() == [[0, 5, 9]]
+
+
+def test_step_context_puts_the_steps_null_text_on_the_uncond_label_and_learned_tokens_on_source_rows():
+    """Label 1 (ComfyUI's uncond) gets ∅_t of this step; label 0 gets the learned source tokens on source rows and
+    the target context (or the per-step target tokens) on the others."""
+    uncond = torch.arange(3 * 2 * 4, dtype=torch.float32).view(3, 2, 4)
+    cond = -uncond
+    target_context = torch.full((2, 2, 4), 9.0)
+    only_null = edit_mod.step_context(edit_mod.SourceBranch(torch.zeros(4, 1, 2, 2), uncond), 1, (SOURCE, TARGET),
+                                      None)
+    assert list(only_null) == [1] and torch.equal(only_null[1], uncond[1][None])
+    both = edit_mod.step_context(edit_mod.SourceBranch(torch.zeros(4, 1, 2, 2), uncond, cond), 2, (SOURCE, TARGET),
+                                 target_context)
+    assert torch.equal(both[1], uncond[2][None])
+    assert torch.equal(both[0], torch.stack([cond[2], target_context[1]]))
+    per_step = edit_mod.SourceBranch(torch.zeros(4, 1, 2, 2), uncond, cond, target_cond=cond * 2)
+    assert torch.equal(edit_mod.step_context(per_step, 0, (SOURCE, TARGET), target_context)[0][1], cond[0] * 2)
+
+
+def test_edit_loop_defaults_free_source_rows_and_image_zero():
+    """Without `pin` the source row follows its own DDIM steps (not the inversion latents), and hooks see image 0."""
+    from types import SimpleNamespace
+
+    class Denoiser:
+        run = SimpleNamespace(step=0)
+
+        def __call__(self, x, sigma, context=None):
+            return 0.5 * x
+
+    seen = []
+
+    class Hook:
+        def before_step(self, ctx):
+            seen.append(ctx.image)
+
+        def after_step(self, ctx):
+            pass
+
+    latents = torch.full((3, 1, 2, 2), 7.0)
+    x = torch.ones(2, 1, 2, 2)
+    out, _ = edit_mod.edit(Denoiser(), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
+                           edit_mod.SourceBranch(latents), hooks=[Hook()])
+    assert seen == [0, 0]
+    assert torch.equal(out[0], out[1]) and not torch.equal(out[0], latents[-1])
+    pinned, _ = edit_mod.edit(Denoiser(), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
+                              edit_mod.SourceBranch(latents, pin=True))
+    assert torch.equal(pinned[0], latents[-1]) and torch.equal(pinned[1], out[1])

@@ -93,6 +93,14 @@ def test_max_iterations_zero_is_plain_prompt_to_prompt(runs):
     assert "mag_edit" not in noop[2]
 
 
+def test_final_blend_region_is_the_update_mask_grown_by_one_latent_cell(p2p, inversion):
+    """The reference blends with a 3x3 max-pool of the latent-resolution mask: one cell of growth on every side."""
+    hook = pkg("attention.hooks").step_hooks_of(guided(p2p, inversion))[0]
+    m = hook.masks.float()
+    grown = torch.nn.functional.max_pool2d(m.reshape(-1, 1, *m.shape[-2:]), 3, 1, 1).reshape(m.shape)
+    assert not torch.equal(grown, m) and torch.equal(hook.blend_masks.float(), grown)
+
+
 def test_outside_the_mask_the_latent_equals_the_plain_p2p_run(runs, p2p, inversion):
     """Guidance moves the latent inside the mask only, and the final blend makes everything outside the (dilated)
     mask the plain P2P run's source branch, bit for bit."""
