@@ -2,6 +2,7 @@
 
 import ast
 import glob
+import math
 import os
 import re
 import sys
@@ -78,6 +79,25 @@ def test_every_node_is_registered_with_a_valid_schema():
         assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), node_id
         assert cls.CATEGORY.startswith("Attention Edit/") and len(cls.DESCRIPTION) > 40
         assert f"(`{node_id}`)" in README, f"{node_id} is missing from the README's node table"
+
+
+def test_numeric_defaults_lie_in_their_range_and_match_the_function_defaults():
+    """A default outside [min, max] is clamped by the frontend (a silently different value); the Python default of
+    the node function (headless and API calls) must equal the widget default."""
+    import inspect
+
+    for node_id, cls in HOST.pack.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                if entry[0] not in ("INT", "FLOAT") or "default" not in entry[1]:
+                    continue
+                opts = entry[1]
+                lo, hi = opts.get("min", -math.inf), opts.get("max", math.inf)
+                assert lo <= opts["default"] <= hi, (node_id, name, opts)
+                if name in params and params[name].default is not inspect.Parameter.empty:
+                    assert params[name].default == opts["default"], (node_id, name)
 
 
 def test_math_packages_reach_comfyui_only_through_their_adapter():
