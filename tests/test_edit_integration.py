@@ -83,6 +83,16 @@ def test_local_blend_keeps_the_source_outside_the_mask(tiny):
     assert not torch.equal(final[1], final[0])
 
 
+def test_direct_inversion_reconstruction_output_is_the_input_latent(tiny):
+    """Direct inversion regenerates the source exactly: the node's `reconstruction` is the clean latent it inverted
+    (the last inversion latent, not the noise), up to float rounding of the scale round trip."""
+    latent = make_latent(seed=8)
+    _inv, noise, _sigmas, recon, *_ = call_node("AttnEditInvert", model=tiny.model, clip=tiny.clip, source_prompt=SRC,
+                                               method="direct", steps=STEPS, cfg=7.5, latent=latent)
+    assert torch.allclose(recon["samples"], latent["samples"], atol=1e-5)
+    assert not torch.allclose(noise["samples"], latent["samples"], atol=1e-2)
+
+
 def test_image_batch_is_edited_image_by_image(tiny):
     latents = make_latent(batch=2, seed=6)
     model, _ = hook(tiny, "a photo of a dog")
