@@ -820,3 +820,17 @@ def test_edit_loop_defaults_free_source_rows_and_image_zero():
     pinned, _ = edit_mod.edit(Denoiser(), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
                               edit_mod.SourceBranch(latents, pin=True))
     assert torch.equal(pinned[0], latents[-1]) and torch.equal(pinned[1], out[1])
+
+
+def test_prompt_tokens_mark_a_textual_inversion_vector_as_id_minus_one():
+    """A token that is an embedding vector (ComfyUI's `embedding:name`) has id -1 and piece "<emb>" (what the pack's
+    consumers, e.g. DPL's refusal, read)."""
+    from types import SimpleNamespace
+
+    tokens_mod = pkg("attention.tokens")
+    sub = SimpleNamespace(inv_vocab={49406: "<|startoftext|>", 320: "a</w>", 49407: "<|endoftext|>"},
+                          start_token=49406, end_token=49407)
+    clip = SimpleNamespace(tokenizer=SimpleNamespace(clip_l=sub), tokenize=lambda _t: {
+        "l": [[(49406, 1.0), (320, 1.0), (torch.zeros(4), 1.0), (49407, 1.0)]]})
+    prompt = tokens_mod.tokenize_prompt(clip, "a embedding:thing")
+    assert prompt.ids == (49406, 320, -1, 49407) and prompt.pieces[2] == "<emb>"
