@@ -834,3 +834,18 @@ def test_prompt_tokens_mark_a_textual_inversion_vector_as_id_minus_one():
         "l": [[(49406, 1.0), (320, 1.0), (torch.zeros(4), 1.0), (49407, 1.0)]]})
     prompt = tokens_mod.tokenize_prompt(clip, "a embedding:thing")
     assert prompt.ids == (49406, 320, -1, 49407) and prompt.pieces[2] == "<emb>"
+
+
+def test_run_constants_are_copied_to_the_asked_dtype_once():
+    """RunState.on_device: the copy takes the asked dtype (half on a GPU run), keeps the source's without one, and is
+    made once per key."""
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), (SOURCE,))
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.tensor([1.5, 2.5])
+
+    half = run.on_device("k", make, torch.device("cpu"), torch.float16)
+    assert half.dtype == torch.float16 and run.on_device("k", make, torch.device("cpu"), torch.float16) is half
+    assert run.on_device("k", make, torch.device("cpu")).dtype == torch.float32 and len(made) == 2
