@@ -95,12 +95,12 @@ def test_mask_from_attention_overlaps_the_ground_truth_object(edits, mode):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "the demo model keeps the object under CPAM's removal: with every object query reading only background keys in "
-    "every self-attention layer the circle stays red (background share at most 0.01 with null-text or ddim_null_prompt "
-    "inversions at 10-50 steps). Measured cause: its convolutions carry the inverted latent's object past attention; "
-    "denoising that latent with every self- and cross-attention output zeroed still leaves 2/3 of the circle "
-    "(q.attention_ablation: background share 0.33, 0.09 with self-attention alone zeroed), so no attention-only removal "
-    "can pass on this model (docs/quality.md)"))
+    "the demo model keeps the object under CPAM's removal: with every query reading only background keys in every "
+    "self-attention layer the circle stays red (background share at most 0.02 with null-text or ddim_null_prompt "
+    "inversions at 10-50 steps). Measured cause: self-attention does not carry the object in this model; denoising "
+    "the inverted latent with every self-attention output zeroed still leaves 96% of the circle (q.attention_ablation: "
+    "background share 0.04); only zeroing cross-attention too removes most of it (0.72). CPAM's removal changes "
+    "self-attention only, so it cannot pass on this model (docs/quality.md)"))
 def test_cpam_removal_leaves_background_where_the_object_was(edits):
     s = q.removal_scores(edits["cpam_remove"])
     kept = q.removal_scores(edits["reconstruction"])  # the inversion's reconstruction still shows the object
