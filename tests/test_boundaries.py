@@ -849,3 +849,16 @@ def test_run_constants_are_copied_to_the_asked_dtype_once():
     half = run.on_device("k", make, torch.device("cpu"), torch.float16)
     assert half.dtype == torch.float16 and run.on_device("k", make, torch.device("cpu"), torch.float16) is half
     assert run.on_device("k", make, torch.device("cpu")).dtype == torch.float32 and len(made) == 2
+
+
+def test_context_override_is_padded_by_repetition_to_the_batchs_token_count():
+    """A 3-token override on a 6-token batch context (ComfyUI's lcm padding) is repeated twice along the tokens and
+    expanded to the chunk's rows; chunks without an override keep the host's context."""
+    hooks = pkg("attention.hooks")
+    context = torch.zeros(4, 6, 5)  # 2 chunks x 2 rows, 6 tokens, width 5 (width != tokens: the repeat is per token)
+    override = torch.arange(15, dtype=torch.float32).view(1, 3, 5)
+    out = hooks._override_context(context, [0, 1], 2, {1: override})
+    assert out.shape == (4, 6, 5) and torch.equal(out[:2], context[:2])
+    assert torch.equal(out[2], torch.cat([override[0], override[0]])) and torch.equal(out[3], out[2])
+    with pytest.raises(ValueError, match="4 tokens; the batch has 6"):
+        hooks._override_context(context, [0, 1], 2, {1: torch.zeros(1, 4, 5)})
