@@ -862,3 +862,14 @@ def test_context_override_is_padded_by_repetition_to_the_batchs_token_count():
     assert torch.equal(out[2], torch.cat([override[0], override[0]])) and torch.equal(out[3], out[2])
     with pytest.raises(ValueError, match="4 tokens; the batch has 6"):
         hooks._override_context(context, [0, 1], 2, {1: torch.zeros(1, 4, 5)})
+
+
+def test_progress_of_no_work_is_one_unit_never_zero_over_zero():
+    """A run with no counted work still shows a bar of one unit that completes (0/0 would draw as NaN in the
+    frontend); updates never pass the total."""
+    from types import SimpleNamespace
+
+    progress = pkg("inversion.comfy_model").Progress(SimpleNamespace(), 0)
+    assert progress.total == 1
+    progress.update(3)
+    assert progress.done == 1
