@@ -873,3 +873,20 @@ def test_progress_of_no_work_is_one_unit_never_zero_over_zero():
     assert progress.total == 1
     progress.update(3)
     assert progress.done == 1
+
+
+def test_min_latent_side_counts_downsamplings_when_the_unet_has_no_channel_mult():
+    """2 ** (number of Downsample modules) for UNets that do not expose channel_mult; channel_mult wins otherwise."""
+    from types import SimpleNamespace
+
+    comfy_model = pkg("inversion.comfy_model")
+
+    class Downsample(torch.nn.Identity):
+        pass
+
+    blocks = [[torch.nn.Identity()], [Downsample()], [torch.nn.Identity(), Downsample()], [Downsample()]]
+    plain = SimpleNamespace(model=SimpleNamespace(diffusion_model=SimpleNamespace(input_blocks=blocks)))
+    assert comfy_model.min_latent_side(plain) == 8
+    with_mult = SimpleNamespace(model=SimpleNamespace(diffusion_model=SimpleNamespace(
+        input_blocks=blocks, channel_mult=(1, 2, 4))))
+    assert comfy_model.min_latent_side(with_mult) == 4
