@@ -890,3 +890,39 @@ def test_min_latent_side_counts_downsamplings_when_the_unet_has_no_channel_mult(
     with_mult = SimpleNamespace(model=SimpleNamespace(diffusion_model=SimpleNamespace(
         input_blocks=blocks, channel_mult=(1, 2, 4))))
     assert comfy_model.min_latent_side(with_mult) == 4
+
+
+def test_fusion_loop_feeds_each_row_its_stream_alg1():
+    """Alg. 1's rows (source, t2i_bar, t2i, target_bar, target) read streams (source, t2i, t2i, target, target)."""
+    from types import SimpleNamespace
+
+    fusion = pkg("inversion.fusion")
+    seen = []
+
+    class Denoiser:
+        run = SimpleNamespace(step=0)
+
+        def __call__(self, x, sigma, context=None):
+            seen.append(x[:, 0, 0, 0].tolist())
+            return torch.zeros_like(x)
+
+    streams = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()
+    fusion.fusion_loop(Denoiser(), streams, torch.tensor([1.0, 0.0]), fusion.ALG1, torch.ones(1, 1, 2, 2),
+                       edit_mod.SourceBranch(torch.zeros(2, 1, 2, 2)), lambda _i: {})
+    assert seen == [[0.0, 1.0, 1.0, 2.0, 2.0]]
+
+
+def test_fusion_row_contexts_give_each_c_t_row_its_own_negative_row():
+    """Rows on C^S (source, t2i_bar, target_bar) take the step's ∅_t; the t2i and target rows take their own row of
+    a per-row negative (the last row included)."""
+    fusion = pkg("inversion.fusion")
+    uncond = torch.full((2, 3, 4), -1.0)
+    negative = torch.arange(5, dtype=torch.float32).view(5, 1, 1).expand(5, 3, 4)
+    ctx = fusion.row_contexts(fusion.ALG1, edit_mod.SourceBranch(torch.zeros(3, 1, 2, 2), uncond), negative,
+                              torch.zeros(1, 3, 4))(1)
+    assert list(ctx) == [1] and ctx[1][:, 0, 0].tolist() == [-1.0, -1.0, 2.0, -1.0, 4.0]
+
+
+def test_joint_layout_of_a_non_square_grid():
+    layout = pkg("attention.joint").JointLayout(3, (2, 5))
+    assert layout.image == 10 and layout.fits(13) and not layout.fits(28)
