@@ -68,7 +68,8 @@ BATCH, LR, WEIGHT_DECAY, WARMUP, DROPOUT, EMA_DECAY = 16, 6e-4, 0.01, 100, 0.1, 
 # the masks that P2P's local blend and Mask from Attention read from them covered the whole picture. The loss asks each object word (colour and shape) to put its
 # attention mass on its own object (ground truth from the world generator); 0 switches it off.
 LOCALIZE_WEIGHT = 0.02
-# Coverage term of the localisation loss (--localize-coverage, 0 = off as in the shipped model): the mass share alone
+# Coverage term of the localisation loss (--localize-coverage; 0 = off, as in the shipped model's steps up to 18,156,
+# which from there on trained with 1.0: docs/demo_model.md): the mass share alone
 # is best met by piling a word's attention on one cell inside its object (seen at step 18,156: maps on a single 32 px
 # cell, a quarter of the circle); the total variation distance between the word's normalised map and the object's
 # normalised mask asks the map to spread evenly over the whole object.
@@ -329,8 +330,8 @@ def localisation_loss(maps: list[torch.Tensor], targets: list[list[tuple[list[in
                       coverage: float = LOCALIZE_COVERAGE) -> torch.Tensor:
     """1 - (share of each object word's attention mass that falls on its object), plus `coverage` x the total variation
     distance between the word's normalised map and its object's normalised mask (0 when the map covers the object
-    evenly, 1 when it misses it), averaged over words, objects, samples and layers on grids >= LOCALIZE_MIN_GRID; `targets[i]` is empty
-    for a sample without caption."""
+    evenly, 1 when it misses it), averaged over words, objects, samples and layers on grids >= LOCALIZE_MIN_GRID;
+    `targets[i]` is empty for a sample without caption."""
     terms = []
     for probs in maps:
         grid = int(round(probs.shape[1] ** 0.5))
@@ -467,7 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--localize-weight", type=float, default=LOCALIZE_WEIGHT,
                    help="cross-attention localisation loss weight (0: off, as the shipped model's first 13,367 steps)")
     p.add_argument("--localize-coverage", type=float, default=LOCALIZE_COVERAGE,
-                   help="weight of the localisation loss's coverage term (0: off, as in the shipped model)")
+                   help="weight of the localisation loss's coverage term (0: off; the shipped model used 1.0 from "
+                        "step 18,156)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logging.basicConfig(filename=os.path.join(args.out, "train.log"), level=logging.INFO,
