@@ -5,6 +5,7 @@ The table of what is pinned where is tests/README.md; tools/mutate.py checks tha
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -754,8 +755,6 @@ def test_row_override_replaces_only_sequences_equal_to_a_chunk():
 
 def test_row_encoder_refuses_a_prompt_with_a_textual_inversion_embedding():
     """A token that is an embedding vector (ComfyUI's `embedding:name`) instead of an id is refused by name."""
-    from types import SimpleNamespace
-
     text = pkg("inversion.dpl_text")
 
     class Transformer(torch.nn.Module):
@@ -773,6 +772,17 @@ def test_row_encoder_refuses_a_prompt_with_a_textual_inversion_embedding():
     plain = SimpleNamespace(cond_stage_model=clip.cond_stage_model,
                             tokenize=lambda _text: {"l": [[(0, 1.0), (5, 1.0), (9, 1.0)]]})
     assert text.RowEncoder(plain, SimpleNamespace(text="a thing"), [1]).chunk_ids["l"].tolist() == [[0, 5, 9]]
+
+
+class StubDenoiser:
+    """A denoiser the edit loops can drive: `fn(x)` is its x0 estimate; `calls` keeps every batch it was given."""
+
+    def __init__(self, fn):
+        self.fn, self.run, self.calls = fn, SimpleNamespace(step=0), []
+
+    def __call__(self, x, sigma, context=None):
+        self.calls.append(x.clone())
+        return self.fn(x)
 
 
 def test_step_context_puts_the_steps_null_text_on_the_uncond_label_and_learned_tokens_on_source_rows():
@@ -794,14 +804,6 @@ def test_step_context_puts_the_steps_null_text_on_the_uncond_label_and_learned_t
 
 def test_edit_loop_defaults_free_source_rows_and_image_zero():
     """Without `pin` the source row follows its own DDIM steps (not the inversion latents), and hooks see image 0."""
-    from types import SimpleNamespace
-
-    class Denoiser:
-        run = SimpleNamespace(step=0)
-
-        def __call__(self, x, sigma, context=None):
-            return 0.5 * x
-
     seen = []
 
     class Hook:
@@ -813,11 +815,11 @@ def test_edit_loop_defaults_free_source_rows_and_image_zero():
 
     latents = torch.full((3, 1, 2, 2), 7.0)
     x = torch.ones(2, 1, 2, 2)
-    out, _ = edit_mod.edit(Denoiser(), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
+    out, _ = edit_mod.edit(StubDenoiser(lambda z: 0.5 * z), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
                            edit_mod.SourceBranch(latents), hooks=[Hook()])
     assert seen == [0, 0]
     assert torch.equal(out[0], out[1]) and not torch.equal(out[0], latents[-1])
-    pinned, _ = edit_mod.edit(Denoiser(), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
+    pinned, _ = edit_mod.edit(StubDenoiser(lambda z: 0.5 * z), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
                               edit_mod.SourceBranch(latents, pin=True))
     assert torch.equal(pinned[0], latents[-1]) and torch.equal(pinned[1], out[1])
 
@@ -825,8 +827,6 @@ def test_edit_loop_defaults_free_source_rows_and_image_zero():
 def test_prompt_tokens_mark_a_textual_inversion_vector_as_id_minus_one():
     """A token that is an embedding vector (ComfyUI's `embedding:name`) has id -1 and piece "<emb>" (what the pack's
     consumers, e.g. DPL's refusal, read)."""
-    from types import SimpleNamespace
-
     tokens_mod = pkg("attention.tokens")
     sub = SimpleNamespace(inv_vocab={49406: "<|startoftext|>", 320: "a</w>", 49407: "<|endoftext|>"},
                           start_token=49406, end_token=49407)
@@ -867,8 +867,6 @@ def test_context_override_is_padded_by_repetition_to_the_batchs_token_count():
 def test_progress_of_no_work_is_one_unit_never_zero_over_zero():
     """A run with no counted work still shows a bar of one unit that completes (0/0 would draw as NaN in the
     frontend); updates never pass the total."""
-    from types import SimpleNamespace
-
     progress = pkg("inversion.comfy_model").Progress(SimpleNamespace(), 0)
     assert progress.total == 1
     progress.update(3)
@@ -877,8 +875,6 @@ def test_progress_of_no_work_is_one_unit_never_zero_over_zero():
 
 def test_min_latent_side_counts_downsamplings_when_the_unet_has_no_channel_mult():
     """2 ** (number of Downsample modules) for UNets that do not expose channel_mult; channel_mult wins otherwise."""
-    from types import SimpleNamespace
-
     comfy_model = pkg("inversion.comfy_model")
 
     class Downsample(torch.nn.Identity):
@@ -894,22 +890,12 @@ def test_min_latent_side_counts_downsamplings_when_the_unet_has_no_channel_mult(
 
 def test_fusion_loop_feeds_each_row_its_stream_alg1():
     """Alg. 1's rows (source, t2i_bar, t2i, target_bar, target) read streams (source, t2i, t2i, target, target)."""
-    from types import SimpleNamespace
-
     fusion = pkg("inversion.fusion")
-    seen = []
-
-    class Denoiser:
-        run = SimpleNamespace(step=0)
-
-        def __call__(self, x, sigma, context=None):
-            seen.append(x[:, 0, 0, 0].tolist())
-            return torch.zeros_like(x)
-
+    den = StubDenoiser(torch.zeros_like)
     streams = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()
-    fusion.fusion_loop(Denoiser(), streams, torch.tensor([1.0, 0.0]), fusion.ALG1, torch.ones(1, 1, 2, 2),
+    fusion.fusion_loop(den, streams, torch.tensor([1.0, 0.0]), fusion.ALG1, torch.ones(1, 1, 2, 2),
                        edit_mod.SourceBranch(torch.zeros(2, 1, 2, 2)), lambda _i: {})
-    assert seen == [[0.0, 1.0, 1.0, 2.0, 2.0]]
+    assert [x[:, 0, 0, 0].tolist() for x in den.calls] == [[0.0, 1.0, 1.0, 2.0, 2.0]]
 
 
 def test_fusion_row_contexts_give_each_c_t_row_its_own_negative_row():

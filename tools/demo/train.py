@@ -65,14 +65,15 @@ VAE_OBJECT_WEIGHT = 8.0
 BATCH, LR, WEIGHT_DECAY, WARMUP, DROPOUT, EMA_DECAY = 16, 6e-4, 0.01, 100, 0.1, 0.999
 # Cross-attention localisation loss weight (FastComposer, Xiao et al. 2023, Sec. 3.4): SD's word maps sit on their
 # objects after web-scale training; this toy model's stayed flat without the loss (208k samples, colours learned), so
-# the masks that P2P's local blend and Mask from Attention read from them covered the whole picture. The loss asks each object word (colour and shape) to put its
-# attention mass on its own object (ground truth from the world generator); 0 switches it off.
+# the masks that P2P's local blend and Mask from Attention read from them covered the whole picture. The loss asks
+# each object word (colour and shape) to put its attention mass on its own object (ground truth from the world
+# generator); 0 switches it off.
 LOCALIZE_WEIGHT = 0.02
 # Coverage term of the localisation loss (--localize-coverage; 0 = off, as in the shipped model's steps up to 18,156,
-# which from there on trained with 1.0: docs/demo_model.md): the mass share alone
-# is best met by piling a word's attention on one cell inside its object (seen at step 18,156: maps on a single 32 px
-# cell, a quarter of the circle); the total variation distance between the word's normalised map and the object's
-# normalised mask asks the map to spread evenly over the whole object.
+# which from there on trained with 1.0: docs/demo_model.md): the mass share alone is best met by piling a word's
+# attention on one cell inside its object (seen at step 18,156: maps on a single 32 px cell, a quarter of the circle);
+# the total variation distance between the word's normalised map and the object's normalised mask asks the map to
+# spread evenly over the whole object.
 LOCALIZE_COVERAGE = 0.0
 LOCALIZE_MIN_GRID = 4  # cross-attention layers on grids of at least 4x4 (the 2x2 middle block is too coarse)
 FRESH = BATCH // 2  # new scenes per step; the other half are the previous step's scenes (latents reused, new noise)
