@@ -32,8 +32,8 @@ def _end(tokens: PromptTokens) -> int:
 
 
 def _require_one_chunk(tokens: PromptTokens, label: str) -> None:
-    if tokens.chunks > 1 or tokens.last_word_position() >= CHUNK - 1:
-        raise PromptError(f"the {label} {tokens.text!r} is longer than 75 tokens; EmbCtrl exchanges token embeddings "
+    if tokens.overlong:
+        raise PromptError(f"the {label} {tokens.text!r} is longer than {CHUNK - 2} tokens; EmbCtrl exchanges token embeddings "
                           "within one 77-token CLIP chunk. Shorten it.")
 
 

@@ -27,13 +27,15 @@ def _words(tokens: PromptTokens) -> list[list[int]]:
 
 
 def _require_single_chunk(tokens: PromptTokens, label: str) -> None:
-    if tokens.encoder == "t5" and tokens.overlong:
+    """Both prompts must fit one attention context block: a CLIP chunk (75 tokens) or Flux's T5 sequence (255)."""
+    if not tokens.overlong:
+        return
+    if tokens.encoder == "t5":
         raise PromptError(f"the {label} {tokens.text!r} has {tokens.last_word_position() + 2} T5 tokens; Prompt-to-Prompt "
                           f"on Flux needs both prompts within T5's {tokens.length}-token sequence ({tokens.length - 1} "
                           "tokens and the end token). Shorten it.")
-    if tokens.chunks > 1 or tokens.last_word_position() >= CHUNK - 1:
-        raise PromptError(f"the {label} {tokens.text!r} is longer than 75 tokens; Prompt-to-Prompt needs both prompts "
-                          "within one CLIP chunk. Shorten it.")
+    raise PromptError(f"the {label} {tokens.text!r} is longer than {CHUNK - 2} tokens; Prompt-to-Prompt needs both "
+                      "prompts within one CLIP chunk. Shorten it.")
 
 
 def _same_length(source: PromptTokens, target: PromptTokens) -> int:

@@ -133,6 +133,111 @@ def test_joint_dispatch_without_controllers_runs_the_host_kernel_and_captures_sl
     assert joint.captured_slices(q, k, 3, False)[1] is None
 
 
+class _Seen:
+    """A probability editor that keeps what it was handed (slice call and probabilities); it scales the self slice by
+    `scale_self` and nothing else."""
+
+    EDITS_PROBS, EDITS_PROBS_IF_COMPUTED, EDITS_JOINT_KV, EDITS_OUTPUT = True, False, False, False
+
+    def __init__(self, scale_self=1.0):
+        self.calls, self.scale_self = {}, scale_self
+
+    def active(self, call):
+        return True
+
+    def edit_probs(self, call, probs):
+        self.calls[call.kind] = (call, probs)
+        return probs * self.scale_self if call.kind == "self" else probs
+
+    def edit_joint_kv(self, call, k, v, text):
+        raise AssertionError("edit_joint_kv called on a controller without EDITS_JOINT_KV")
+
+
+def _text_queries(q_text, k, v):
+    return pkg("attention.core").merge_heads(q_text)
+
+
+def test_slice_calls_carry_their_own_keys_values_heads_and_probabilities():
+    """A controller on a joint call sees two calls: "cross" with the text keys / values (positions :T) and the joint
+    probabilities' text slice, "self" with the image keys / values (T:) and the image slice; both with the image
+    queries, H heads and the token grid (non-square: 1 x 3 tokens)."""
+    joint, run_mod, layers = pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers")
+    merge = pkg("attention.core").merge_heads
+    q, k, v = _qkv(heads=3, text=2, image=3)
+    seen = _Seen()
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"))
+    joint.joint_dispatch(q, k, v, joint.JointLayout(2, (1, 3)), layers.AttnSite("double", 0, 0, layers.FLUX_LEVEL),
+                         run_mod.BatchLayout.from_call(2, [0]), run, 1.0, (seen,), _text_queries, None)
+    probs = joint.joint_probs(q, k, 2)
+    for kind, keys in (("cross", slice(None, 2)), ("self", slice(2, None))):
+        call, handed = seen.calls[kind]
+        assert call.kind == kind and call.heads == 3 and call.grid == (1, 3)
+        assert torch.equal(call.q, merge(q[:, :, 2:]))
+        assert torch.equal(call.k, merge(k[:, :, keys])) and torch.equal(call.v, merge(v[:, :, keys]))
+        assert torch.equal(call.probs(), probs[..., keys]) and torch.equal(handed, probs[..., keys])
+
+
+def test_key_value_editors_act_only_when_active_and_only_they_edit_keys():
+    """edit_joint_kv runs for an active controller with EDITS_JOINT_KV only: not for an inactive one (KV-Edit outside
+    a source + target run, here without any run), not for an active controller without EDITS_JOINT_KV."""
+    joint, run_mod, layers, kvedit = (pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers"),
+                                      pkg("attention.kvedit"))
+    q, k, v = _qkv()
+    layout, site = joint.JointLayout(3, (2, 2)), layers.AttnSite("single", 0, 0, layers.FLUX_LEVEL)
+    batch = run_mod.BatchLayout.from_call(2, [0])
+    handed = []
+
+    def host(q_, k_, v_):
+        handed.append((k_, v_))
+        return "host"
+
+    kv = kvedit.JointBackgroundKV(torch.zeros(1, 4, 4))
+    assert joint.joint_dispatch(q, k, v, layout, site, batch, None, 1.0, (kv,), None, host) == "host"
+    assert handed[-1][0] is k and handed[-1][1] is v
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"))
+    out = joint.joint_dispatch(q, k, v, layout, site, batch, run, 1.0, (_Seen(),), _text_queries, None)
+    assert out.shape == (2, 7, 8)
+
+
+def test_capture_records_the_edited_self_slice_when_a_controller_edits():
+    """With an editor acting, the captured maps are the edited, re-normalised slices: the self slice halved, then
+    every image-query row divided by its new sum (c / (c + s/2) and (s/2) / (c + s/2))."""
+    joint, run_mod, layers = pkg("attention.joint"), pkg("attention.run"), pkg("attention.layers")
+    q, k, v = _qkv()
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source",))
+    run.capture = run_mod.CaptureSpec(cross_levels=frozenset({layers.FLUX_LEVEL}),
+                                      self_levels=frozenset({layers.FLUX_LEVEL}))
+    joint.joint_dispatch(q, k, v, joint.JointLayout(3, (2, 2)), layers.AttnSite("single", 0, 0, layers.FLUX_LEVEL),
+                         run_mod.BatchLayout.from_call(2, [1, 0]), run, 1.0, (_Seen(scale_self=0.5),), _text_queries,
+                         None)
+    probs = joint.joint_probs(q, k, 3)[1:]  # the cond chunk
+    cross, self_ = probs[..., :3], probs[..., 3:] / 2
+    total = cross.sum(-1, keepdim=True) + self_.sum(-1, keepdim=True)
+    assert torch.allclose(run.mean_map("self", layers.FLUX_LEVEL), (self_ / total).mean(1), atol=1e-6)
+    assert torch.allclose(run.mean_map("cross", layers.FLUX_LEVEL), (cross / total).mean(1), atol=1e-6)
+
+
+def test_capture_chunks_hold_at_most_chunk_bytes_of_logits(monkeypatch):
+    """Capture-only calls take the image queries in chunks of max(1, chunk_bytes // (R*H*L*4)) queries, so the float32
+    logits of one chunk stay within chunk_bytes (one query at a time when even one does not fit)."""
+    joint = pkg("attention.joint")
+    q, k, _v = _qkv(rows=2, heads=2, text=3, image=7)  # R*H*L*4 = 2*2*10*4 = 160 bytes of logits per query
+    sizes = []
+    real = joint.query_probs
+
+    def spy(qi, k_):
+        sizes.append(qi.shape[2])
+        return real(qi, k_)
+
+    monkeypatch.setattr(joint, "query_probs", spy)
+    for chunk_bytes, expected in ((160 * 3, [3, 3, 1]), (160 * 3 + 159, [3, 3, 1]), (160 * 4, [4, 3]),
+                                  (160, [1] * 7), (159, [1] * 7)):
+        sizes.clear()
+        cross, self_ = joint.captured_slices(q, k, 3, True, chunk_bytes=chunk_bytes)
+        assert sizes == expected, (chunk_bytes, sizes)
+        assert cross.shape == (2, 2, 7, 3) and self_.shape == (2, 2, 7, 7)
+
+
 def test_flux_grid_and_vital_layers():
     layers = pkg("attention.layers")
     assert layers.flux_grid((16, 16)) == (8, 8) and layers.flux_grid((15, 9)) == (8, 5)
@@ -280,6 +385,11 @@ def test_t5_words_and_prompt_errors(flux):
                        target_prompt="a photo of a dog", mode="replace", cross_replace=0.8, self_replace=0.4,
                        local_blend="cat")
     assert "local blend word 'cat' is in neither prompt" in message and "T5 (Flux) splits a word" in message, message
+    words = " ".join(["a red tree"] * 30) + " and a"  # past a CLIP chunk (75 tokens), within T5's 256: accepted
+    assert 76 <= pkg("attention.tokens").tokenize_prompt(clip, f"{words} cat").last_word_position() < 255
+    patched, _ = call_node("AttnEditAttentionHook", model=model, clip=clip, source_prompt=f"{words} cat",
+                           target_prompt=f"{words} dog", mode="replace", cross_replace=0.8, self_replace=0.4)
+    assert patched is not model
     long = " ".join(["cat"] * 300)
     message = error_of("AttnEditAttentionHook", model=model, clip=clip, source_prompt=SRC, target_prompt=long,
                        mode="refine", cross_replace=0.8, self_replace=0.4)

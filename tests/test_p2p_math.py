@@ -54,6 +54,34 @@ def test_refinement_mapper_hand_computed(clip):
     assert mapper[8:].tolist() == list(range(8, 77)) and bool(alphas[8:].eq(1).all())
 
 
+
+def _t5(word_ids: list[int]):
+    """Hand-made T5 tokens (Flux): one token per word, no start token, end token 1, padded with 0 to 256."""
+    n = len(word_ids)
+    return tokens.PromptTokens("t5 prompt", tuple(word_ids + [1] + [0] * (255 - n)), ("w",) * max(256, n + 1),
+                               tuple(range(1, n + 1)) + (0,) * (256 - n), 1, length=256, encoder="t5")
+
+
+def test_flux_prompts_longer_than_a_clip_chunk_fit_t5s_sequence():
+    """T5 prompts past 75 tokens but within T5's 256 (here 100 words) are mapped by word swap and refinement; a prompt
+    with no room for the end token is refused naming T5's sequence, not a CLIP chunk. CLIP prompts stop at 75."""
+    source = list(range(10, 110))
+    target = source[:50] + [500] + source[51:]
+    mapper = seq_align.replacement_mapper(_t5(source), _t5(target))
+    assert mapper.shape == (256, 256) and torch.equal(mapper, torch.eye(256))  # a one-token swap: token to token
+    index, alphas = seq_align.refinement_mapper(_t5(source), _t5(source[:50] + [500] + source[50:]))
+    assert index[49:53].tolist() == [49, 0, 50, 51] and alphas[49:53].tolist() == [1, 0, 1, 1]
+    seq_align.replacement_mapper(_t5(list(range(10, 265))), _t5(list(range(10, 265))))  # 255 tokens + end: fits
+    with pytest.raises(tokens.PromptError, match="has 257 T5 tokens.*within T5's 256-token sequence"):
+        seq_align.replacement_mapper(_t5(list(range(10, 266))), _t5(source))
+    clip_long = tokens.PromptTokens("long", tuple([49406] + [5] * 75 + [49407]), ("w",) * 77,
+                                    (0,) + tuple(range(1, 76)) + (0,), 49407)
+    clip_over = tokens.PromptTokens("over", tuple([49406] + [5] * 75 + [49407] + [49406, 5, 49407] + [49407] * 74),
+                                    ("w",) * 154, (0,) + tuple(range(1, 76)) + (0, 0, 76) + (0,) * 75, 49407)
+    assert seq_align.replacement_mapper(clip_long, clip_long).shape == (77, 77)
+    with pytest.raises(tokens.PromptError, match="'over' is longer than 75 tokens.*one CLIP chunk"):
+        seq_align.replacement_mapper(clip_over, clip_long)
+
 def test_global_align_prefers_insertion_over_substitution():
     # a substituted token scores lower than two gaps, so "x" is treated as new and "b" is aligned, as the reference
     assert seq_align.global_align([1, 2, 3], [1, 9, 3]) == [0, -1, 2]
