@@ -682,14 +682,35 @@ def test_mask_preview_frames_tint_the_mask_red_at_half_strength():
 
 # (tools/mutate.py --sample over the technique modules: docs/mutation.md, fifth run)
 def test_heat_map_ramp_hits_its_stops_and_interpolates_between_them():
-    """colorize: value 0 -> the first stop, 1 -> the last, 0.5 -> the middle (green) stop, 0.625 -> halfway between
-    the middle and the yellow stop; five stops span [0, 1] in quarters."""
+    """colorize: five stops (dark blue, blue, green, yellow, red) at 0, 1/4, 1/2, 3/4, 1, linear between them;
+    values outside [0, 1] take the end stops."""
     visualize = pkg("attention.visualize")
-    ramp = visualize._RAMP
-    out = visualize.colorize(torch.tensor([[0.0, 0.5, 0.625, 1.0]]))
-    assert torch.allclose(out[0, 0], ramp[0]) and torch.allclose(out[0, 3], ramp[-1])
-    assert torch.allclose(out[0, 1], torch.tensor([0.18, 0.90, 0.55]))
-    assert torch.allclose(out[0, 2], (ramp[2] + ramp[3]) / 2)
+    stops = torch.tensor([[0.19, 0.07, 0.23], [0.11, 0.50, 0.95], [0.18, 0.90, 0.55], [0.98, 0.80, 0.15],
+                          [0.80, 0.10, 0.05]])
+    out = visualize.colorize(torch.tensor([[0.0, 0.25, 0.5, 0.75, 1.0], [0.625, -0.5, 1.5, 0.125, 0.875]]))
+    assert torch.allclose(out[0], stops)
+    assert torch.allclose(out[1, 0], (stops[2] + stops[3]) / 2) and torch.allclose(out[1, 3], (stops[0] + stops[1]) / 2)
+    assert torch.allclose(out[1, 1], stops[0]) and torch.allclose(out[1, 2], stops[4])
+    assert torch.allclose(out[1, 4], (stops[3] + stops[4]) / 2)
+
+
+def test_heat_map_overlay_by_hand():
+    """heatmap_overlay on a non-square image [2, 4, 3]: the map [1, 2] = [[3, 7]] is upsampled bilinearly with
+    half-pixel centres (0, 1/4, 3/4, 1 after min-max), coloured, and mixed as image * (1 - a) + heat * a;
+    normalize_map gives (m - min) / (max - min), zeros for a constant map and for no map spread at all;
+    heatmap_grid stacks one overlay per map."""
+    visualize = pkg("attention.visualize")
+    stops = visualize.colorize(torch.tensor([[0.0, 0.25, 0.75, 1.0]]))[0]
+    image = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))  # RGBA: alpha dropped
+    out = visualize.heatmap_overlay(image, torch.tensor([[3.0, 7.0]]), alpha=0.3)
+    assert out.shape == (2, 4, 3)
+    assert torch.allclose(out, image[..., :3] * 0.7 + stops[None] * 0.3, atol=1e-6)
+    assert torch.allclose(visualize.normalize_map(torch.tensor([2.0, 2.5, 4.0])), torch.tensor([0.0, 0.25, 1.0]))
+    assert torch.allclose(visualize.normalize_map(torch.tensor([-0.1, 0.3, 0.1])), torch.tensor([0.0, 1.0, 0.5]))
+    assert torch.equal(visualize.normalize_map(torch.full((2, 2), 5.0)), torch.zeros(2, 2))
+    grid = visualize.heatmap_grid(image, [torch.tensor([[3.0, 7.0]]), torch.tensor([[7.0, 3.0]])], alpha=0.3)
+    assert grid.shape == (2, 2, 4, 3) and torch.equal(grid[0], out)
+    assert torch.allclose(grid[1], image[..., :3] * 0.7 + stops.flip(0)[None] * 0.3, atol=1e-6)
 
 
 def test_dpl_progress_counts_token_and_null_text_updates_per_step():

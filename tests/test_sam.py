@@ -132,6 +132,7 @@ def test_folder_registration_is_idempotent_and_shares_an_existing_entry(tiny_sam
     import folder_paths
 
     io = pkg("masks.comfy_io")
+    io.register_sam_folder()
     before = folder_paths.get_folder_paths("sams")
     for _ in range(3):
         default = io.register_sam_folder()
@@ -163,6 +164,19 @@ def test_an_existing_every_file_sams_entry_stays_every_file(monkeypatch):
     paths, extensions = folder_paths.folder_names_and_paths["sams"]
     assert paths == ["/elsewhere/sams", default] and extensions == set()
 
+
+
+def test_an_existing_sams_entry_with_an_extension_list_gets_ours_appended(monkeypatch):
+    """Another pack's "sams" entry that lists its extensions in a list (not a set) gets the missing SAM extensions
+    appended, its own kept first."""
+    import folder_paths
+
+    io = pkg("masks.comfy_io")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sams", (["/elsewhere/sams"], [".bin", ".pth"]))
+    io.register_sam_folder()
+    _paths, extensions = folder_paths.folder_names_and_paths["sams"]
+    assert isinstance(extensions, list)
+    assert extensions[:2] == [".bin", ".pth"] and sorted(extensions[2:]) == sorted(set(sam().SAM_EXTENSIONS) - {".bin", ".pth"})
 
 def test_progress_bar_totals():
     io = pkg("masks.comfy_io")
