@@ -81,6 +81,63 @@ def test_flux_prompts_longer_than_a_clip_chunk_fit_t5s_sequence():
     assert seq_align.replacement_mapper(clip_long, clip_long).shape == (77, 77)
     with pytest.raises(tokens.PromptError, match="'over' is longer than 75 tokens.*one CLIP chunk"):
         seq_align.replacement_mapper(clip_over, clip_long)
+    with pytest.raises(tokens.PromptError, match="source prompt was tokenised for a 256-token context and the target "
+                                                 "for 77"):
+        seq_align.replacement_mapper(_t5(source), clip_long)
+
+
+def test_replacement_mapper_after_a_multi_token_last_source_word(clip):
+    """Source "grimalkin" (3 tokens) -> target "cat" (1): the target token reads all three; EOT and padding read the
+    source tail, which starts after the source word's LAST token (clamped to position 76 at the end). Two empty
+    prompts map position to position."""
+    m = seq_align.replacement_mapper(tok(clip, "a photo of a grimalkin"), tok(clip, "a photo of a cat"))
+    expected = torch.zeros(77, 77)
+    for i in range(5):
+        expected[i, i] = 1
+    expected[5:8, 5] = 1.0
+    for j in range(6, 77):
+        expected[min(j + 2, 76), j] = 1
+    assert torch.equal(m, expected)
+    assert torch.equal(seq_align.replacement_mapper(tok(clip, ""), tok(clip, "")), torch.eye(77))
+
+
+def _lcs(x, y):
+    """Length of the longest common subsequence (plain recursion): the best alignment score with gap 0, match +1,
+    mismatch -1, where a mismatch never pays."""
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(len(x) - 1, -1, -1):
+        for j in range(len(y) - 1, -1, -1):
+            table[i][j] = table[i + 1][j + 1] + 1 if x[i] == y[j] else max(table[i + 1][j], table[i][j + 1])
+    return table[0][0]
+
+
+def test_global_align_is_an_optimal_alignment_on_random_sequences():
+    """For 400 seeded random pairs (lengths 0..8 over 3 symbols, so repeats and ties abound): one entry per y token,
+    aligned x indices strictly increasing, every aligned pair equal (a substitution never scores), and as many aligned
+    pairs as the longest common subsequence (the optimum)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(400):
+        x = [rng.randrange(3) for _ in range(rng.randrange(9))]
+        y = [rng.randrange(3) for _ in range(rng.randrange(9))]
+        mapping = seq_align.global_align(x, y)
+        assert len(mapping) == len(y), (x, y, mapping)
+        pairs = [(i, j) for j, i in enumerate(mapping) if i >= 0]
+        assert all(x[i] == y[j] for i, j in pairs), (x, y, mapping)
+        assert all(a[0] < b[0] for a, b in zip(pairs, pairs[1:])), (x, y, mapping)
+        assert len(pairs) == _lcs(x, y), (x, y, mapping)
+
+
+def test_global_align_breaks_ties_as_the_reference():
+    """Traceback from the end prefers an insertion in y, then a deletion from x, then the diagonal: a y token with
+    several equal x tokens takes the first of them, of several equal y tokens the last is the inserted one; tokens left
+    over at the start are skipped (x) or inserted (y)."""
+    assert seq_align.global_align([1, 2, 1], [1]) == [0]
+    assert seq_align.global_align([9, 1], [1]) == [1]
+    assert seq_align.global_align([1], [9, 1]) == [-1, 0]
+    assert seq_align.global_align([1, 1], [1, 1, 1]) == [0, 1, -1]
+    assert seq_align.global_align([], [4, 5]) == [-1, -1] and seq_align.global_align([4, 5], []) == []
 
 def test_global_align_prefers_insertion_over_substitution():
     # a substituted token scores lower than two gaps, so "x" is treated as new and "b" is aligned, as the reference
