@@ -71,6 +71,11 @@ def test_shorter_target_pads_with_the_last_source_position():
     index = embctrl.source_index(tgt, src)
     assert index[:5].tolist() == [0, 1, -1, 2, 3]
     assert index[5:].tolist() == [j - 1 for j in range(5, 77)]
+    # the last word changed into a longer one: both of its tokens take the target embedding, EOT the source's
+    longer = make("a b x y", tuple([49406, 1, 2, 7, 8, pad] + [pad] * 71), ("",) * 77,
+                  tuple([0, 1, 2, 3, 3] + [0] * 72), pad)
+    index = embctrl.source_index(src, longer)
+    assert index[:6].tolist() == [0, 1, 2, -1, -1, 4] and index[6:].tolist() == [j - 1 for j in range(6, 77)]
 
 
 def test_control_embedding_is_eq_12_by_hand():
@@ -83,6 +88,20 @@ def test_control_embedding_is_eq_12_by_hand():
     assert torch.equal(out[0, 3], target[0, 3]) and torch.equal(out[0, 10], source[0, 5])
     keep = [j for j in range(77) if j not in (3, 10)]
     assert torch.equal(out[0, keep], source[0, keep])
+    for bad_source, bad_target in ((source, torch.cat([target, target], 1)), (torch.cat([source, source], 1), target)):
+        with pytest.raises(tokens.PromptError, match="one 77-token chunk per prompt"):
+            embctrl.control_embedding(bad_source, bad_target, index)
+
+
+def test_control_options_carry_the_chosen_prompts_pooled_output():
+    """SDXL's pooled vector: the source's with pooled "source" (the default), the target's with "target"; a source
+    without one leaves the target's; every other option is the target's."""
+    source, target = {"pooled_output": "P_src", "width": 1}, {"pooled_output": "P_tgt", "width": 2}
+    assert embctrl.control_options(source, target) == {"pooled_output": "P_src", "width": 2}
+    assert embctrl.control_options(source, target, "target") == {"pooled_output": "P_tgt", "width": 2}
+    assert embctrl.control_options({}, target, "source") == target
+    with pytest.raises(tokens.PromptError, match="`pooled` 'both' is unknown"):
+        embctrl.control_options(source, target, "both")
 
 
 def test_other_token_count_is_rejected_in_strict_mode(tiny):

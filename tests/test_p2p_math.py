@@ -84,6 +84,9 @@ def test_flux_prompts_longer_than_a_clip_chunk_fit_t5s_sequence():
     with pytest.raises(tokens.PromptError, match="source prompt was tokenised for a 256-token context and the target "
                                                  "for 77"):
         seq_align.replacement_mapper(_t5(source), clip_long)
+    with pytest.raises(tokens.PromptError, match="source prompt was tokenised for a 77-token context and the target "
+                                                 "for 256"):
+        seq_align.refinement_mapper(clip_long, _t5(source))
 
 
 def test_replacement_mapper_after_a_multi_token_last_source_word(clip):
@@ -123,6 +126,7 @@ def test_global_align_is_an_optimal_alignment_on_random_sequences():
         y = [rng.randrange(3) for _ in range(rng.randrange(9))]
         mapping = seq_align.global_align(x, y)
         assert len(mapping) == len(y), (x, y, mapping)
+        assert all(-1 <= i < len(x) for i in mapping), (x, y, mapping)
         pairs = [(i, j) for j, i in enumerate(mapping) if i >= 0]
         assert all(x[i] == y[j] for i, j in pairs), (x, y, mapping)
         assert all(a[0] < b[0] for a, b in zip(pairs, pairs[1:])), (x, y, mapping)
