@@ -143,6 +143,18 @@ def test_global_align_breaks_ties_as_the_reference():
     assert seq_align.global_align([1, 1], [1, 1, 1]) == [0, 1, -1]
     assert seq_align.global_align([], [4, 5]) == [-1, -1] and seq_align.global_align([4, 5], []) == []
 
+
+def test_refinement_aligns_the_real_tokens_only_when_padding_is_a_word():
+    """SD2's tokenizer pads with id 0, which is also the token "!": refining "a" into "a !" inserts "!" and keeps EOT
+    on the source's EOT. Padding taken into the alignment would match the "!" to the source's first padding token and
+    leave EOT unaligned."""
+    make = tokens.PromptTokens
+    source = make("a", tuple([49406, 320, 49407] + [0] * 74), ("",) * 77, (0, 1) + (0,) * 75, 49407)
+    target = make("a !", tuple([49406, 320, 0, 49407] + [0] * 73), ("",) * 77, (0, 1, 2) + (0,) * 74, 49407)
+    mapper, alphas = seq_align.refinement_mapper(source, target)
+    assert mapper[:4].tolist() == [0, 1, 0, 2] and alphas[:4].tolist() == [1, 1, 0, 1]
+    assert mapper[4:].tolist() == list(range(4, 77)) and bool(alphas[4:].eq(1).all())
+
 def test_global_align_prefers_insertion_over_substitution():
     # a substituted token scores lower than two gaps, so "x" is treated as new and "b" is aligned, as the reference
     assert seq_align.global_align([1, 2, 3], [1, 9, 3]) == [0, -1, 2]
