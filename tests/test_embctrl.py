@@ -76,6 +76,11 @@ def test_shorter_target_pads_with_the_last_source_position():
                   tuple([0, 1, 2, 3, 3] + [0] * 72), pad)
     index = embctrl.source_index(src, longer)
     assert index[:6].tolist() == [0, 1, 2, -1, -1, 4] and index[6:].tolist() == [j - 1 for j in range(6, 77)]
+    # SD2 pads with id 0, also the token "!": only SOT..EOT are aligned, so an added "!" is changed and EOT keeps
+    # the source's EOT (not the source's first padding token)
+    plain = make("a", tuple([49406, 1, pad] + [0] * 74), ("",) * 77, (0, 1) + (0,) * 75, pad)
+    bang = make("a !", tuple([49406, 1, 0, pad] + [0] * 73), ("",) * 77, (0, 1, 2) + (0,) * 74, pad)
+    assert embctrl.source_index(plain, bang)[:4].tolist() == [0, 1, -1, 2]
 
 
 def test_control_embedding_is_eq_12_by_hand():
