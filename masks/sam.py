@@ -246,8 +246,10 @@ def predict_mask(sam, image: torch.Tensor, prompt: SamPrompt, hint: torch.Tensor
     predictor = sam_pkg.SamPredictor(sam)
     device = predictor.device
     hw = (int(image.shape[0]), int(image.shape[1]))
-    pixels = (image[..., :3].float().clamp(0, 1) * 255.0).round().permute(2, 0, 1)[None].to(device)
-    predictor.set_torch_image(predictor.transform.apply_image_torch(pixels), hw)
+    # The official numpy path (uint8 RGB, resized by ResizeLongestSide.apply_image): segment-anything 1.0's
+    # apply_image_torch sizes the picture from its batch and channel dimensions (upstream issue #218), which squashes
+    # it into the top rows of SAM's frame while the prompts are scaled to the whole frame.
+    predictor.set_image((image[..., :3].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy(), "RGB")
     coords = labels = box = mask_input = None
     if prompt.points.shape[0]:
         coords = predictor.transform.apply_coords_torch(prompt.points.to(device), hw)[None]

@@ -84,7 +84,7 @@ def test_mask_hint_logits_cover_the_padded_frame():
     hint[:, :40] = 1  # left half of a wide picture
     logits = sam().hint_to_logits(hint, 64, (16, 16))
     assert logits.shape == (1, 16, 16)
-    m = sam().MASK_HINT_LOGIT
+    m = 10.0  # MASK_HINT_LOGIT
     assert torch.all(logits[0, :8, :8] == m) and torch.all(logits[0, :8, 8:] == -m)  # image rows 0..31 of 64
     assert torch.all(logits[0, 8:] == -m), "the padding below the picture is outside"
 
@@ -181,3 +181,100 @@ def test_an_existing_sams_entry_with_an_extension_list_gets_ours_appended(monkey
 def test_progress_bar_totals():
     io = pkg("masks.comfy_io")
     assert io.progress_bar(5).total == 5 and io.progress_bar(0).total == 1
+
+
+# ------------------------------------------------------------------------------------- against the official package
+def _tiny_sam_model(name):
+    return sam().load_sam(pkg("masks.comfy_io").sam_checkpoint_path(name))
+
+
+def _official(model, image, points=None, labels=None, box=None, multimask=True):
+    """segment_anything's own SamPredictor on the uint8 picture (set_image / predict, numpy in): best mask by score."""
+    import numpy as np
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(model)
+    predictor.set_image((image[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    masks, scores, _ = predictor.predict(None if points is None else np.array(points, dtype=np.float32),
+                                         None if labels is None else np.array(labels),
+                                         None if box is None else np.array(box, dtype=np.float32),
+                                         multimask_output=multimask)
+    best = int(np.argmax(scores))
+    return torch.from_numpy(masks[best]).float(), float(scores[best])
+
+
+def test_predict_mask_equals_the_official_predictor(tiny_sam):
+    """On a picture of SAM's own input size (no resizing on either path), predict_mask gives the official predictor's
+    mask and predicted IoU: pixels 0..255 from [0, 1] (clamped, alpha dropped), the best of the multimask proposals by
+    predicted IoU (the default), single-mask output when asked, points only, box only, both."""
+    model = _tiny_sam_model(tiny_sam)
+    image = make_image(size=64, seed=3)[0]
+    prompts = [
+        dict(points=[[16.0, 30.0], [50.0, 8.0]], labels=[1, 0], box=None),
+        dict(points=None, labels=None, box=[6.0, 10.0, 40.0, 50.0]),
+        dict(points=[[20.0, 20.0]], labels=[1], box=[4.0, 4.0, 44.0, 30.0]),
+    ]
+    overexposed = image * 1.6 - 0.3  # values outside [0, 1]: clamped
+    rgba = torch.cat([overexposed, torch.rand(64, 64, 1)], -1)
+    for p in prompts:
+        prompt = sam().SamPrompt(torch.tensor(p["points"] or torch.zeros(0, 2)).view(-1, 2),
+                                 torch.tensor(p["labels"] or [], dtype=torch.long),
+                                 None if p["box"] is None else torch.tensor(p["box"]))
+        for multimask in (True, False):
+            want_mask, want_score = _official(model, overexposed, multimask=multimask, **p)
+            got_mask, got_score = sam().predict_mask(model, rgba, prompt, multimask=multimask)
+            assert torch.equal(got_mask, want_mask) and abs(got_score - want_score) < 1e-5, (p, multimask)
+        assert torch.equal(sam().predict_mask(model, rgba, prompt)[0], _official(model, overexposed, **p)[0])
+    assert torch.equal(sam().build_sam(sam().infer_config(model.state_dict())).pixel_mean.flatten(),
+                       torch.tensor(_sam_default("pixel_mean")))
+    assert torch.equal(model.pixel_std.flatten(), torch.tensor(_sam_default("pixel_std")))
+
+
+def _sam_default(name):
+    import inspect
+
+    from segment_anything.modeling import Sam
+
+    return inspect.signature(Sam.__init__).parameters[name].default
+
+
+def test_checkpoint_containers_and_strict_loading(tiny_sam, tmp_path):
+    """A {"model": state_dict} container loads like the bare state dict; a file holding no state dict (a list, an
+    empty dict) is refused by name; a state dict with a stray key does not fit the architecture read from it."""
+    sd = sam().load_state_dict(pkg("masks.comfy_io").sam_checkpoint_path(tiny_sam))
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"model": sd}, str(wrapped))
+    assert sam().load_state_dict(str(wrapped)).keys() == sd.keys()
+    for i, bad in enumerate(([1, 2], {})):
+        path = tmp_path / f"bad{i}.pth"
+        torch.save(bad, str(path))
+        with pytest.raises(ValueError, match=f"'bad{i}.pth' holds no state dict"):
+            sam().load_state_dict(str(path))
+    stray = tmp_path / "stray.pth"
+    torch.save({**sd, "image_encoder.extra.weight": torch.zeros(1)}, str(stray))
+    with pytest.raises(ValueError, match="'stray.pth' does not fit the SAM architecture read from it"):
+        sam().load_sam(str(stray))
+
+
+def test_box_corners_fractions_and_the_picture_border():
+    """A box's corners are sorted; fractions scale x by the width and y by the height (points and boxes); a point
+    exactly on the border is inside, one a hair outside on any side is refused."""
+    s = sam()
+    assert s.parse_box("30,40,10,20").tolist() == [10, 20, 30, 40]
+    assert s.parse_box("10,40,30,20").tolist() == [10, 20, 30, 40]
+    hw = (100, 200)  # H, W
+    assert s.to_pixels(torch.tensor([[0.5, 0.25], [1.0, 1.0]]), hw, True).tolist() == [[100, 25], [200, 100]]
+    assert s.to_pixels(torch.tensor([0.1, 0.2, 0.5, 0.6]), hw, True).tolist() == pytest.approx([20, 20, 100, 60])
+    assert s.to_pixels(torch.tensor([[3.0, 4.0]]), hw, False).tolist() == [[3, 4]]
+    s.check_inside(torch.tensor([[0.0, 0.0], [200.0, 100.0]]), hw, "points")
+    for outside in ([-0.1, 50.0], [200.1, 50.0], [50.0, -0.1], [50.0, 100.1]):
+        with pytest.raises(ValueError, match="`points` has coordinates outside the 200x100 px image"):
+            s.check_inside(torch.tensor([[10.0, 10.0], outside]), hw, "points")
+
+
+def test_mask_hint_resizing_uses_half_pixel_centres():
+    """A 1x2 hint [0, 1] on a 4 px frame: bilinear with half-pixel centres gives 0, 1/4, 3/4, 1 across the top two
+    rows (logits (2v - 1) * 10), the padded rows below are -10."""
+    logits = sam().hint_to_logits(torch.tensor([[0.0, 1.0]]), 4, (4, 4))
+    row = torch.tensor([-10.0, -5.0, 5.0, 10.0])
+    assert torch.allclose(logits[0, :2], row.expand(2, 4)) and torch.all(logits[0, 2:] == -10.0)
