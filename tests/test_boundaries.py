@@ -747,6 +747,43 @@ def test_kmeans_takes_the_best_of_exactly_inits_seedings():
     assert torch.equal(background.kmeans(x, k, seed=seed, inits=2, tol=0.0), second_labels)
 
 
+
+def test_kmeans_pp_draws_the_first_centre_from_every_point_and_the_next_by_squared_distance():
+    """k-means++: the first centre is the generator's first uniform draw over all N points (not over the D features);
+    the next one is drawn with probability ~ D(x)^2, so one far point among 49 coincident ones is always the second."""
+    background = pkg("masks.background")
+    x = torch.rand(50, 2, generator=torch.Generator().manual_seed(1))
+    for seed in range(5):
+        first = int(torch.randint(50, (1,), generator=torch.Generator().manual_seed(seed)))
+        centres = background._kmeans_pp(x, 1, torch.Generator().manual_seed(seed))
+        assert torch.equal(centres[0], x[first]), seed
+    far = torch.zeros(50, 2)
+    far[17] = 100.0
+    for seed in range(10):
+        centres = background._kmeans_pp(far, 2, torch.Generator().manual_seed(seed))
+        assert sorted(centres[:, 0].tolist()) == [0.0, 100.0], seed
+
+
+def test_background_estimate_constants_are_the_papers_and_the_official_codes():
+    """V = 5 segments (Sec. 3.3); sklearn KMeans as the official code runs it: seed 1, n_init 10, max_iter 300, tol
+    1e-4 (relative to the mean feature variance); the estimate's defaults are these."""
+    background = pkg("masks.background")
+    assert (background.BACKGROUND_CLUSTERS, background.KMEANS_SEED, background.KMEANS_INITS,
+            background.KMEANS_MAX_ITER, background.KMEANS_TOL) == (5, 1, 10, 300, 1e-4)
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(background.kmeans).parameters.items()}
+    assert (defaults["seed"], defaults["inits"], defaults["max_iter"], defaults["tol"]) == (1, 10, 300, 1e-4)
+    defaults = {n: p.default for n, p in inspect.signature(background.estimate_background).parameters.items()}
+    assert (defaults["clusters"], defaults["seed"], defaults["inits"]) == (5, 1, 10)
+
+
+def test_scoring_words_keep_words_with_any_letter():
+    """A word is scored when it has at least one letter ("t-shirt", "3d"), not when it has none ("42", ",")."""
+    background = pkg("masks.background")
+    words = [([1], "a"), ([2], "t-shirt"), ([3], "42"), ([4], "3d"), ([5], ","), ([6], "cat")]
+    assert background.scoring_words(words, [[6]]) == [[6], [2], [4]]
+
 def test_instant_refined_map_leaves_neutral_words_out():
     """Eq. 9's input: relu(minmax(mean of +1 maps) - minmax(mean of -1 maps)); a role-0 word is in neither mean."""
     instant = pkg("masks.instant")
