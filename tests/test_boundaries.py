@@ -745,6 +745,16 @@ def test_kmeans_takes_the_best_of_exactly_inits_seedings():
     seed, first_labels, second_labels = found
     assert torch.equal(background.kmeans(x, k, seed=seed, inits=1, tol=0.0), first_labels)
     assert torch.equal(background.kmeans(x, k, seed=seed, inits=2, tol=0.0), second_labels)
+    # a tie (the same partition numbered differently, equal inertia) keeps the first seeding's numbering
+    for seed in range(200):
+        gen = torch.Generator().manual_seed(seed)
+        first = background._lloyd(x, background._kmeans_pp(x, k, gen), 300, 0.0)
+        second = background._lloyd(x, background._kmeans_pp(x, k, gen), 300, 0.0)
+        if second[2] == first[2] and not torch.equal(first[0], second[0]):
+            assert torch.equal(background.kmeans(x, k, seed=seed, inits=2, tol=0.0), first[0])
+            break
+    else:
+        raise AssertionError("no seed with a tie between two seedings")
 
 
 
@@ -757,11 +767,55 @@ def test_kmeans_pp_draws_the_first_centre_from_every_point_and_the_next_by_squar
         first = int(torch.randint(50, (1,), generator=torch.Generator().manual_seed(seed)))
         centres = background._kmeans_pp(x, 1, torch.Generator().manual_seed(seed))
         assert torch.equal(centres[0], x[first]), seed
-    far = torch.zeros(50, 2)
-    far[17] = 100.0
-    for seed in range(10):
-        centres = background._kmeans_pp(far, 2, torch.Generator().manual_seed(seed))
-        assert sorted(centres[:, 0].tolist()) == [0.0, 100.0], seed
+    for scale in (100.0, 0.01):  # D^2 sums above and below 1
+        far = torch.zeros(50, 2)
+        far[17], far[33] = scale, -scale
+        for seed in range(10):
+            centres = background._kmeans_pp(far, 3, torch.Generator().manual_seed(seed))
+            assert sorted(centres[:, 0].tolist()) == pytest.approx([-scale, 0.0, scale]), (scale, seed)
+
+
+def _naive_lloyd(x, centres, iterations):
+    """Lloyd's algorithm written out point by point (the reference for _lloyd)."""
+    centres = [c.clone() for c in centres]
+    for _ in range(iterations):
+        groups = [[] for _ in centres]
+        for p in x:
+            groups[min(range(len(centres)), key=lambda i: float(((p - centres[i]) ** 2).sum()))].append(p)
+        centres = [torch.stack(g).mean(0) if g else c for g, c in zip(groups, centres)]
+    return torch.stack(centres)
+
+
+def test_lloyd_runs_to_convergence_and_moves_a_one_point_cluster_onto_its_point():
+    """_lloyd with tol 0 reaches the fixed point of plain Lloyd iterations (random clouds, random starts); one step
+    moves a cluster holding a single point onto that point; kmeans hands _lloyd the tolerance relative to the mean
+    per-feature (biased) variance, 0 for a single row, runs at least one seeding and at least one cluster."""
+    background = pkg("masks.background")
+    g = torch.Generator().manual_seed(4)
+    for trial in range(12):
+        x = torch.randn(30, 2, generator=g)
+        start = x[torch.randperm(30, generator=g)[:4]] + 0.3
+        _, centres, _ = background._lloyd(x, start, 300, 0.0)
+        assert torch.allclose(centres, _naive_lloyd(x, start, 60), atol=1e-5), trial
+    x = torch.tensor([[0.0, 0.0], [0.2, 0.0], [9.0, 9.0]])
+    _, centres, _ = background._lloyd(x, torch.tensor([[0.0, 0.0], [10.0, 10.0]]), 1, 0.0)
+    assert torch.allclose(centres, torch.tensor([[0.1, 0.0], [9.0, 9.0]]))
+    seen = []
+    real = background._lloyd
+
+    def spy(x_, centres_, max_iter, tol):
+        seen.append((max_iter, tol))
+        return real(x_, centres_, max_iter, tol)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(background, "_lloyd", spy)
+        x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]])  # feature variances 1 and 4
+        background.kmeans(x, 2, inits=1, tol=0.1, max_iter=7)
+        assert seen == [(7, pytest.approx(0.1 * 2.5))]
+        seen.clear()
+        assert background.kmeans(x[:1], 2, inits=1, tol=0.1).tolist() == [0] and seen == [(300, 0.0)]
+        seen.clear()
+        assert background.kmeans(x, 0, inits=0).tolist() == [0, 0, 0, 0] and len(seen) == 1
 
 
 def test_background_estimate_constants_are_the_papers_and_the_official_codes():
