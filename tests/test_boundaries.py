@@ -718,6 +718,15 @@ def test_dpl_progress_counts_token_and_null_text_updates_per_step():
     assert settings.units_per_step() == 5
 
 
+def test_dpl_defaults_are_the_official_codes():
+    """At most 21 token updates per step (DPL.sh: ATTN_STEP=21), AdamW at torch's defaults (lr 1e-3, weight decay
+    1e-2), null-text's 10 inner steps (see inversion/dpl.py), V = 5 segments, cross-attention at level 4."""
+    dpl = pkg("inversion.dpl")
+    s = dpl.DPLSettings()
+    assert (s.token_iterations, s.learning_rate, s.weight_decay, s.null_text_iterations, s.background_clusters,
+            s.level) == (21, 1e-3, 1e-2, 10, 5, 4)
+
+
 def test_kmeans_empty_cluster_keeps_its_centre():
     """A Lloyd step whose third centre attracts no point leaves that centre where it was (not at the origin)."""
     background = pkg("masks.background")

@@ -83,6 +83,9 @@ TEST_MAP = {
                                     "function_defaults"],
     "inversion/dpl.py": FAST + ["tests/test_dpl_edit.py", "tests/test_dpl_math.py", "tests/test_dpl.py"],
 }
+# Modules not in TEST_MAP run FAST plus the test files that name them; these files reach them only through nodes and
+# are added (Flux inversion runs engine.invert_image's flow branch).
+ALSO = {"inversion/engine.py": ["tests/test_flux.py"]}
 # The realistic one-line bugs of issue 22 that the suite used to miss: (file, text, replacement).
 PLANTED = [
     ("inversion/ddim.py", "x_in = x * scale", "x_in = x"),
@@ -278,7 +281,7 @@ def tests_for(rel: str) -> list[str]:
             with open(path, encoding="utf-8") as f:
                 if f'"{dotted}"' in f.read():
                     names.append(f"tests/{name}")
-    return names
+    return names + [t for t in ALSO.get(rel, []) if t not in names]
 
 
 def diff(m: Mutant) -> str:
