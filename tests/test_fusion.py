@@ -347,10 +347,14 @@ def test_fusion_after_the_last_step_equals_plain_region_split_sampling(tiny, inv
     comfy_model = pkg("inversion.comfy_model")
     tgt_cond = comfy_model.encode_text(tiny.clip, TGT)
     area = (region()[:, ::8, ::8] > 0.5).float()[None]
+    previews = []
     with torch.inference_mode():
-        final, layout, _ = inv_fusion.fuse_image(tiny.model, inv, 0, tgt_cond, area, None)
+        final, layout, _ = inv_fusion.fuse_image(tiny.model, inv, 0, tgt_cond, area, None,
+                                                 progress=lambda n, x0: previews.append((n, x0)))
     raw = comfy_model.latent_to_raw(tiny.model, final)
     assert torch.equal(raw[layout.target_stream], target[0]) and torch.equal(raw[0], source[0])
+    # one progress unit per step, previewing one stream's x0 (the target's)
+    assert [n for n, _ in previews] == [1] * 5 and all(x0.shape == (1, *final.shape[1:]) for _, x0 in previews)
     fused, _, _ = run_node(tiny, inv, None)
     assert not torch.allclose(fused, target, atol=1e-4)
 
