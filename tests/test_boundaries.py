@@ -841,6 +841,23 @@ def test_background_estimate_constants_are_the_papers_and_the_official_codes():
     assert (defaults["clusters"], defaults["seed"], defaults["inits"]) == (5, 1, 10)
 
 
+
+def test_agreement_scores_by_hand_and_the_estimates_shapes():
+    """sigma_nv = sum(A^n M_v) / |M_v|: a one-cell segment is not halved, an empty one scores 0 (not NaN).
+    estimate_background: a non-square self-attention matrix is refused by name; no nouns on a 4 x 8 grid give ones of
+    that (h, w) shape; V = 0 segments count as one."""
+    background = pkg("masks.background")
+    scores = background.agreement_scores(torch.tensor([0, 0, 1]), torch.tensor([[1.0, 1.0, 0.5]]), 3)
+    assert scores.tolist() == [[1.0, 0.5, 0.0]]
+    with pytest.raises(ValueError, match=r"self_attention must be \[N, N\] \(one image\); got \(16, 64\)"):
+        background.estimate_background(torch.rand(16, 64), torch.zeros(1, 4, 4))
+    sa = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
+    none = background.estimate_background(sa, torch.zeros(0, 2, 4), grid=(4, 8))
+    assert torch.equal(none, torch.ones(4, 8))
+    one = background.estimate_background(sa, torch.rand(1, 2, 4, generator=torch.Generator().manual_seed(1)),
+                                         clusters=0, grid=(4, 8))
+    assert one.shape == (4, 8) and len(one.unique()) == 1
+
 def test_scoring_words_keep_words_with_any_letter():
     """A word is scored when it has at least one letter ("t-shirt", "3d"), not when it has none ("42", ",")."""
     background = pkg("masks.background")
