@@ -111,7 +111,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = KMEANS_SEED, inits: int = KMEANS
     x = x.float()
     k = max(1, min(int(k), x.shape[0]))
     gen = torch.Generator().manual_seed(int(seed))
-    tol_abs = tol * float(x.var(0, unbiased=False).mean()) if x.shape[0] > 1 else 0.0
+    tol_abs = tol * float(x.var(0, unbiased=False).mean())  # 0 for a single row
     best, best_inertia = None, math.inf
     for _ in range(max(1, int(inits))):
         labels, _, inertia = _lloyd(x, _kmeans_pp(x, k, gen), max_iter, tol_abs)

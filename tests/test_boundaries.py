@@ -806,6 +806,13 @@ def test_lloyd_runs_to_convergence_and_moves_a_one_point_cluster_onto_its_point(
         start = x[torch.randperm(30, generator=g)[:4]] + 0.3
         _, centres, _ = background._lloyd(x, start, 300, 0.0)
         assert torch.allclose(centres, _naive_lloyd(x, start, 60), atol=1e-5), trial
+    # the stop rule: the first iteration whose squared centre shift is <= tol is the last
+    x = torch.randn(30, 2, generator=g)
+    start = x[:4] + 0.5
+    one = _naive_lloyd(x, start, 1)
+    shift = float(((one - start) ** 2).sum())
+    assert not torch.allclose(one, _naive_lloyd(x, start, 60), atol=1e-3)
+    assert torch.allclose(background._lloyd(x, start, 300, shift)[1], one, atol=1e-6)
     x = torch.tensor([[0.0, 0.0], [0.2, 0.0], [9.0, 9.0]])
     _, centres, _ = background._lloyd(x, torch.tensor([[0.0, 0.0], [10.0, 10.0]]), 1, 0.0)
     assert torch.allclose(centres, torch.tensor([[0.1, 0.0], [9.0, 9.0]]))
