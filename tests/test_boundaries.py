@@ -896,6 +896,11 @@ def test_row_override_replaces_only_sequences_equal_to_a_chunk():
     assert torch.equal(out[0, 2], torch.full((3,), 7.0)) and torch.equal(out[0, [0, 1, 3, 4]], plain[0, [0, 1, 3, 4]])
     assert torch.equal(out[1], plain[1]) and torch.equal(out[2], plain[2])  # partial match; chunk 0 has no position
     assert override.hits == 1
+    # token batches of another length, or not [batch, length], are not chunks: the host's embedding, untouched
+    for other in (torch.tensor([[0, 3, 4, 9, 9, 9, 9]]), torch.tensor([0, 3, 4, 9, 9])):
+        with torch.no_grad():
+            assert torch.equal(override(other), base(other))
+    assert override.hits == 1
 
 
 def test_row_encoder_refuses_a_prompt_with_a_textual_inversion_embedding():
@@ -967,6 +972,25 @@ def test_edit_loop_defaults_free_source_rows_and_image_zero():
     pinned, _ = edit_mod.edit(StubDenoiser(lambda z: 0.5 * z), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
                               edit_mod.SourceBranch(latents, pin=True))
     assert torch.equal(pinned[0], latents[-1]) and torch.equal(pinned[1], out[1])
+    steps = []
+    edit_mod.edit(StubDenoiser(lambda z: 0.5 * z), x, torch.tensor([2.0, 1.0, 0.0]), (SOURCE, TARGET),
+                  edit_mod.SourceBranch(latents), on_step=lambda i, x_, d: steps.append((i, x_.shape, d.shape)))
+    assert steps == [(0, x.shape, x.shape), (1, x.shape, x.shape)]  # on_step(step, latents, denoised)
+
+
+def test_stacked_conditioning_keeps_the_inversions_flux_guidance_and_says_so(caplog):
+    """Every branch runs in one batch: the guidance is the first entry's (the inversion's source prompt); a later entry
+    asking for another value is logged with both values."""
+    conditioning = pkg("inversion.conditioning")
+    cond = [[torch.zeros(1, 4, 8), {"guidance": 2.0}]]
+    other = [[torch.ones(1, 4, 8), {"guidance": 3.5}]]
+    bare = [[torch.ones(1, 4, 8), {}]]
+    with caplog.at_level("WARNING"):
+        stacked = conditioning.stack_conditioning([cond, bare], ["inversion source", "target"])
+        assert stacked[0][1]["guidance"] == 2.0 and "guidance" not in caplog.text
+        stacked = conditioning.stack_conditioning([cond, other], ["inversion source", "target"])
+    assert stacked[0][1]["guidance"] == 2.0 and stacked[0][0].shape == (2, 4, 8)
+    assert "`target` asks for Flux guidance 3.5" in caplog.text and "the inversion's guidance 2.0" in caplog.text
 
 
 def test_prompt_tokens_mark_a_textual_inversion_vector_as_id_minus_one():
