@@ -278,3 +278,13 @@ def test_mask_hint_resizing_uses_half_pixel_centres():
     logits = sam().hint_to_logits(torch.tensor([[0.0, 1.0]]), 4, (4, 4))
     row = torch.tensor([-10.0, -5.0, 5.0, 10.0])
     assert torch.allclose(logits[0, :2], row.expand(2, 4)) and torch.all(logits[0, 2:] == -10.0)
+
+
+def test_every_size_of_a_custom_checkpoint_is_read_back():
+    """build_sam of a config whose sizes all differ from each other (IoU head width != prompt width, 3 multimask
+    outputs, one global block of three) gives a state dict from which infer_config reads the same config."""
+    config = sam().SamConfig(embed_dim=24, depth=3, num_heads=3, global_attn_indexes=(2,), window_size=2, img_size=64,
+                             patch_size=16, mlp_ratio=2.0, qkv_bias=False, prompt_dim=16, mask_in_chans=8,
+                             decoder_depth=1, decoder_mlp_dim=40, iou_head_depth=2, iou_head_hidden=24,
+                             multimask_outputs=3)
+    assert sam().infer_config(sam().build_sam(config).state_dict()) == config
