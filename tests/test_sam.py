@@ -204,18 +204,19 @@ def _official(model, image, points=None, labels=None, box=None, multimask=True):
 
 
 def test_predict_mask_equals_the_official_predictor(tiny_sam):
-    """On a picture of SAM's own input size (no resizing on either path), predict_mask gives the official predictor's
-    mask and predicted IoU: pixels 0..255 from [0, 1] (clamped, alpha dropped), the best of the multimask proposals by
-    predicted IoU (the default), single-mask output when asked, points only, box only, both."""
+    """On a non-square picture (48 x 80 px: resized and padded into SAM's square frame), predict_mask gives the
+    official predictor's mask and predicted IoU: pixels 0..255 from [0, 1] (clamped, alpha dropped), prompts scaled
+    from the picture's own size, the best of the multimask proposals by predicted IoU (the default), single-mask output
+    when asked, points only, box only, both."""
     model = _tiny_sam_model(tiny_sam)
-    image = make_image(size=64, seed=3)[0]
+    image = make_image(size=80, seed=3)[0, 16:64]
     prompts = [
-        dict(points=[[16.0, 30.0], [50.0, 8.0]], labels=[1, 0], box=None),
-        dict(points=None, labels=None, box=[6.0, 10.0, 40.0, 50.0]),
+        dict(points=[[16.0, 30.0], [70.0, 8.0]], labels=[1, 0], box=None),
+        dict(points=None, labels=None, box=[6.0, 10.0, 60.0, 40.0]),
         dict(points=[[20.0, 20.0]], labels=[1], box=[4.0, 4.0, 44.0, 30.0]),
     ]
     overexposed = image * 1.6 - 0.3  # values outside [0, 1]: clamped
-    rgba = torch.cat([overexposed, torch.rand(64, 64, 1)], -1)
+    rgba = torch.cat([overexposed, torch.rand(48, 80, 1)], -1)
     for p in prompts:
         prompt = sam().SamPrompt(torch.tensor(p["points"] or torch.zeros(0, 2)).view(-1, 2),
                                  torch.tensor(p["labels"] or [], dtype=torch.long),
