@@ -427,6 +427,21 @@ def test_edit_sampler_keeps_the_sources_size_conditioning(models, inversions, ca
     assert y.shape[-1] == 32 + 6 * 256 and y.shape[0] == 2 * len(calls[0][1])  # pooled + 6 size embeddings per row
 
 
+
+def test_a_non_square_images_own_size_is_not_reported(models, caplog):
+    """A 128 x 64 px picture (16 x 8 latent): a target encoded with the picture's own size (height 128, width 64)
+    asks for the size the source branch uses, so nothing is logged; the image size is (rows, columns) of the latent."""
+    model, clip = models["sdxl"]
+    latent = {"samples": torch.randn(1, 4, 16, 8, generator=torch.Generator().manual_seed(4))}
+    inv = call_node("AttnEditInvert", model=model, clip=clip, source_prompt=SRC, method="direct", steps=STEPS,
+                    cfg=7.5, latent=latent)[0]
+    plain = encode(clip, "a photo of a dog on a sofa")
+    own = [[plain[0][0], dict(plain[0][1], width=64, height=128, target_width=64, target_height=128)]]
+    with caplog.at_level(logging.WARNING):
+        call_node("AttnEditEditSampler", model=model, inversion=inv, target=own)
+    assert "size conditioning" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ InstDiffEdit
 def count_unet_calls(model, log):
     clone = model.clone()
