@@ -1081,3 +1081,14 @@ def test_fusion_row_contexts_give_each_c_t_row_its_own_negative_row():
 def test_joint_layout_of_a_non_square_grid():
     layout = pkg("attention.joint").JointLayout(3, (2, 5))
     assert layout.image == 10 and layout.fits(13) and not layout.fits(28)
+
+
+def test_instdiffedit_defaults_are_the_papers():
+    """Eq. 8 thresholds gamma1 0.9 / gamma2 0.6 and Eq. 9's phi 0.2 (paper "Implementation"), the reference's blur
+    (5-tap OpenCV table, twice) and PIL's bicubic a = -0.5, a 16 px feathered paste-back; the run's defaults use them."""
+    masks_instant, inv_instant = pkg("masks.instant"), pkg("inversion.instant")
+    assert (masks_instant.GAMMA1, masks_instant.GAMMA2, masks_instant.PHI) == (0.9, 0.6, 0.2)
+    assert (masks_instant.BLUR_TAPS, masks_instant.BLUR_PASSES, masks_instant.BICUBIC_A, masks_instant.FEATHER,
+            masks_instant.LATENT_CELL) == ((1.0, 4.0, 6.0, 4.0, 1.0), 2, -0.5, 16, 8)
+    s = inv_instant.InstantSettings()
+    assert (s.phi, s.gamma1, s.gamma2) == (0.2, 0.9, 0.6)
