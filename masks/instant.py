@@ -123,10 +123,9 @@ def word_maps(maps: torch.Tensor, words: list[list[int]], start: int, size: tupl
     INVERT_START_MAP, inverted).
     """
     if words:
-        stacked = torch.stack([maps[..., pos].float().mean(-1) for pos in words])
+        per_word = minmax(upsample(torch.stack([maps[..., pos].float().mean(-1) for pos in words]), size))
     else:
-        stacked = maps.new_zeros((0, *maps.shape[:2])).float()
-    per_word = minmax(upsample(stacked, size)) if len(words) else stacked.new_zeros((0, *size))
+        per_word = maps.new_zeros((0, *size)).float()
     ref = minmax(upsample(maps[..., start][None], size))[0]
     if INVERT_START_MAP:
         ref = minmax(1.0 - ref) if ref.amax() > 0 else ref  # a flat start map stays flat (no location)

@@ -1092,3 +1092,14 @@ def test_instdiffedit_defaults_are_the_papers():
             masks_instant.LATENT_CELL) == ((1.0, 4.0, 6.0, 4.0, 1.0), 2, -0.5, 16, 8)
     s = inv_instant.InstantSettings()
     assert (s.phi, s.gamma1, s.gamma2) == (0.2, 0.9, 0.6)
+
+
+def test_word_maps_without_words_is_an_empty_stack_and_the_inverted_start_map():
+    """No prompt words: zero word maps of the asked size (float), and the start map still min-max normalised and
+    inverted (the reference compares 255 - x)."""
+    instant = pkg("masks.instant")
+    maps = torch.zeros(4, 4, 3)
+    maps[0, 0, 0] = 1.0  # the start token's map peaks in one corner
+    per_word, start = instant.word_maps(maps, [], 0, (4, 4))
+    assert per_word.shape == (0, 4, 4) and per_word.dtype == torch.float32
+    assert float(start[0, 0]) == 0.0 and float(start.max()) == 1.0
