@@ -1095,11 +1095,13 @@ def test_instdiffedit_defaults_are_the_papers():
 
 
 def test_word_maps_without_words_is_an_empty_stack_and_the_inverted_start_map():
-    """No prompt words: zero word maps of the asked size (float), and the start map still min-max normalised and
-    inverted (the reference compares 255 - x)."""
+    """No prompt words: zero word maps of the asked size (float), the start map still min-max normalised and inverted
+    (the reference compares 255 - x), and Eq. 6-8 give no index word and empty similarities and roles."""
     instant = pkg("masks.instant")
     maps = torch.zeros(4, 4, 3)
     maps[0, 0, 0] = 1.0  # the start token's map peaks in one corner
     per_word, start = instant.word_maps(maps, [], 0, (4, 4))
     assert per_word.shape == (0, 4, 4) and per_word.dtype == torch.float32
     assert float(start[0, 0]) == 0.0 and float(start.max()) == 1.0
+    roles = instant.instant_roles(per_word, start)  # no index word, no similarity, no role
+    assert roles.index == -1 and roles.similarities.shape == (0,) and roles.roles.shape == (0,)
