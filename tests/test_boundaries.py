@@ -1105,3 +1105,23 @@ def test_word_maps_without_words_is_an_empty_stack_and_the_inverted_start_map():
     assert float(start[0, 0]) == 0.0 and float(start.max()) == 1.0
     roles = instant.instant_roles(per_word, start)  # no index word, no similarity, no role
     assert roles.index == -1 and roles.similarities.shape == (0,) and roles.roles.shape == (0,)
+
+
+def test_instant_roles_of_forced_words_and_of_a_flat_index_map():
+    """Forced index words (a list) give the min-max normalised mean of their maps as A_index and role +1 each, even
+    when their own similarity to that mean is below gamma1; a flat index map forces nothing (empty mask: its word's
+    S = 0 is below gamma2). Maps thinner than 3 cells are blurred with edge replication, either side."""
+    instant = pkg("masks.instant")
+    per_word = torch.zeros(3, 4, 4)
+    per_word[0, 0, :] = 1.0  # top row
+    per_word[1, :, 0] = 1.0  # left column
+    per_word[2, 3, 3] = 1.0  # a far corner
+    start = torch.zeros(4, 4)
+    roles = instant.instant_roles(per_word, start, index=[0, 1])
+    mean = instant.minmax(per_word[[0, 1]].mean(0))
+    assert torch.allclose(roles.similarities, instant.cosine(per_word, mean))
+    assert roles.index == 0 and bool((roles.similarities[:2] < 0.9).all()) and roles.roles[:2].tolist() == [1.0, 1.0]
+    flat = instant.instant_roles(torch.zeros(2, 4, 4), start, index=0)
+    assert flat.roles.tolist() == [-1.0, -1.0]
+    for shape in ((2, 6), (6, 2)):
+        assert instant.gaussian_blur(torch.ones(shape)).shape == shape
