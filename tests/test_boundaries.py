@@ -1125,3 +1125,13 @@ def test_instant_roles_of_forced_words_and_of_a_flat_index_map():
     assert flat.roles.tolist() == [-1.0, -1.0]
     for shape in ((2, 6), (6, 2)):
         assert instant.gaussian_blur(torch.ones(shape)).shape == shape
+
+
+def test_binarize_blurs_once_with_one_pass():
+    """Eq. 9 with `blur_passes` = 1 blurs once (not zero times): a single hot cell spreads to its neighbours."""
+    instant = pkg("masks.instant")
+    refined = torch.zeros(8, 8)
+    refined[4, 4] = 1.0
+    once = instant.binarize(refined, phi=0.2, blur_passes=1)
+    assert torch.equal(once, (instant.minmax(instant.gaussian_blur(refined, 1)) > 0.2).float())
+    assert float(once.sum()) > 1.0 and float(instant.binarize(refined, phi=0.2, blur_passes=0).sum()) == 1.0
