@@ -1135,3 +1135,12 @@ def test_binarize_blurs_once_with_one_pass():
     once = instant.binarize(refined, phi=0.2, blur_passes=1)
     assert torch.equal(once, (instant.minmax(instant.gaussian_blur(refined, 1)) > 0.2).float())
     assert float(once.sum()) > 1.0 and float(instant.binarize(refined, phi=0.2, blur_passes=0).sum()) == 1.0
+
+
+def test_refined_map_of_two_words_subtracts_the_background_word():
+    """Eq. 9's input for two words with roles +1 / -1: relu(minmax(A_obj) - minmax(A_bg)), not the first word's map."""
+    instant = pkg("masks.instant")
+    per_word = torch.tensor([[[1.0, 0.5], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.5]]])
+    roles = instant.InstantRoles(0, torch.tensor([1.0, 0.0]), torch.tensor([1.0, -1.0]))
+    refined = instant.refined_map(per_word, torch.zeros(2, 2), roles)
+    assert torch.allclose(refined, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
