@@ -33,8 +33,8 @@ def _end(tokens: PromptTokens) -> int:
 
 def _require_one_chunk(tokens: PromptTokens, label: str) -> None:
     if tokens.overlong:
-        raise PromptError(f"the {label} {tokens.text!r} is longer than {CHUNK - 2} tokens; EmbCtrl exchanges token embeddings "
-                          "within one 77-token CLIP chunk. Shorten it.")
+        raise PromptError(f"the {label} {tokens.text!r} is longer than {CHUNK - 2} tokens; EmbCtrl exchanges token "
+                          "embeddings within one 77-token CLIP chunk. Shorten it.")
 
 
 def source_index(source: PromptTokens, target: PromptTokens, alignment: str = ALIGNMENTS[0]) -> torch.Tensor:

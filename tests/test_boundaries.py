@@ -795,7 +795,7 @@ def _naive_lloyd(x, centres, iterations):
     return torch.stack(centres)
 
 
-def test_lloyd_runs_to_convergence_and_moves_a_one_point_cluster_onto_its_point():
+def test_lloyd_runs_to_convergence_and_moves_a_one_point_cluster_onto_its_point(monkeypatch):
     """_lloyd with tol 0 reaches the fixed point of plain Lloyd iterations (random clouds, random starts); one step
     moves a cluster holding a single point onto that point; kmeans hands _lloyd the tolerance relative to the mean
     per-feature (biased) variance, 0 for a single row, runs at least one seeding and at least one cluster."""
@@ -823,15 +823,14 @@ def test_lloyd_runs_to_convergence_and_moves_a_one_point_cluster_onto_its_point(
         seen.append((max_iter, tol))
         return real(x_, centres_, max_iter, tol)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(background, "_lloyd", spy)
-        x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]])  # feature variances 1 and 4
-        background.kmeans(x, 2, inits=1, tol=0.1, max_iter=7)
-        assert seen == [(7, pytest.approx(0.1 * 2.5))]
-        seen.clear()
-        assert background.kmeans(x[:1], 2, inits=1, tol=0.1).tolist() == [0] and seen == [(300, 0.0)]
-        seen.clear()
-        assert background.kmeans(x, 0, inits=0).tolist() == [0, 0, 0, 0] and len(seen) == 1
+    monkeypatch.setattr(background, "_lloyd", spy)
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]])  # feature variances 1 and 4
+    background.kmeans(x, 2, inits=1, tol=0.1, max_iter=7)
+    assert seen == [(7, pytest.approx(0.1 * 2.5))]
+    seen.clear()
+    assert background.kmeans(x[:1], 2, inits=1, tol=0.1).tolist() == [0] and seen == [(300, 0.0)]
+    seen.clear()
+    assert background.kmeans(x, 0, inits=0).tolist() == [0, 0, 0, 0] and len(seen) == 1
 
 
 def test_background_estimate_constants_are_the_papers_and_the_official_codes():
@@ -1085,7 +1084,8 @@ def test_joint_layout_of_a_non_square_grid():
 
 def test_instdiffedit_defaults_are_the_papers():
     """Eq. 8 thresholds gamma1 0.9 / gamma2 0.6 and Eq. 9's phi 0.2 (paper "Implementation"), the reference's blur
-    (5-tap OpenCV table, twice) and PIL's bicubic a = -0.5, a 16 px feathered paste-back; the run's defaults use them."""
+    (5-tap OpenCV table, twice) and PIL's bicubic a = -0.5, a 16 px feathered paste-back; the run's defaults use
+    them."""
     masks_instant, inv_instant = pkg("masks.instant"), pkg("inversion.instant")
     assert (masks_instant.GAMMA1, masks_instant.GAMMA2, masks_instant.PHI) == (0.9, 0.6, 0.2)
     assert (masks_instant.BLUR_TAPS, masks_instant.BLUR_PASSES, masks_instant.BICUBIC_A, masks_instant.FEATHER,

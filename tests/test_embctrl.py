@@ -65,7 +65,8 @@ def test_shorter_target_pads_with_the_last_source_position():
     index = embctrl.source_index(src, tgt)
     assert index[:4].tolist() == [0, 1, 3, 4]  # "b" dropped: "c" and EOT keep their source embeddings
     assert index[4:].tolist() == [min(j + 1, 76) for j in range(4, 77)]
-    with pytest.raises(tokens.PromptError, match=r"different token counts \(source 'a b c': 3 tokens, target 'a c': 2\)"):
+    counts = r"different token counts \(source 'a b c': 3 tokens, target 'a c': 2\)"
+    with pytest.raises(tokens.PromptError, match=counts):
         embctrl.source_index(src, tgt, "same token count only")
     # the other way round: the inserted "b" is changed, the target's EOT keeps the source's EOT (not a padding token)
     index = embctrl.source_index(tgt, src)

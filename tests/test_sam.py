@@ -176,7 +176,8 @@ def test_an_existing_sams_entry_with_an_extension_list_gets_ours_appended(monkey
     io.register_sam_folder()
     _paths, extensions = folder_paths.folder_names_and_paths["sams"]
     assert isinstance(extensions, list)
-    assert extensions[:2] == [".bin", ".pth"] and sorted(extensions[2:]) == sorted(set(sam().SAM_EXTENSIONS) - {".bin", ".pth"})
+    assert extensions[:2] == [".bin", ".pth"]
+    assert sorted(extensions[2:]) == sorted(set(sam().SAM_EXTENSIONS) - {".bin", ".pth"})
 
 def test_progress_bar_totals():
     io = pkg("masks.comfy_io")
