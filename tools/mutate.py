@@ -15,6 +15,9 @@ the pack from that copy. Two ways of running a mutant:
   (`from .p2p import local_blend_mask`), runs pytest in-process and exits. Defaults captured at import time in
   *other* modules keep the old value, so a `fork` survivor is only a candidate: `verify` re-runs it;
 - `subprocess` (exact, slow): the mutated file is written into the copy and pytest runs in a fresh process.
+In fork mode a mutant runs only the mapped tests that execute its statement (one traced baseline run per file,
+cached in OUT; `--all-tests` runs them all): a test that never executes a line cannot see a mutant on it. Lines that
+run at import get every mapped test; a line that no mapped test executes is an `uncovered` survivor.
 A mutant is killed when the tests fail (or error), survived when they pass, timeout when they run past the limit
 (counted as killed, the usual convention: an infinite loop is a detected bug).
 
@@ -339,6 +342,36 @@ class ForkRunner:
                 if ns.get(k) is was:
                     ns[k] = now
 
+    def coverage(self, rel: str, tests: list[str], log: str) -> dict:
+        """One traced run of `tests` in a forked child: {"lines": {test id: lines of `rel` it ran}, "seconds": ...}."""
+        import pytest
+
+        mod = self.host.module(rel.removesuffix(".py").replace("/", "."))
+        out = os.path.join(os.path.dirname(log), "coverage.json")
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 3
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                trace = LineTrace({mod.__file__, os.path.realpath(mod.__file__)})
+                code = int(pytest.main(pytest_args(tests, self.root), plugins=[trace]))
+                with open(out, "w", encoding="utf-8") as f:
+                    json.dump({"lines": {k: sorted(v) for k, v in trace.lines.items()}, "seconds": trace.seconds}, f)
+            except BaseException as e:  # noqa: BLE001
+                print(f"mutate: {type(e).__name__}: {e}", flush=True)
+                code = 4
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"baseline fails for {tests}:\n{_tail(log, 30)}")
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
     def run(self, m: Mutant | None, tests: list[str], timeout: float, log: str) -> tuple[str, float]:
         import pytest
 
@@ -370,6 +403,81 @@ class ForkRunner:
                 os.waitpid(pid, 0)
                 return "timeout", time.monotonic() - start
             time.sleep(0.05)
+
+
+class LineTrace:
+    """pytest plugin: the lines of one source file that each test executes (stdlib `sys.settrace`, the target file's
+    frames only). Tests that never execute a line cannot see a mutant on it, so a mutant need only run those that do."""
+
+    def __init__(self, paths: set[str]):
+        self.paths = paths
+        self.current: str | None = None
+        self.lines: dict[str, set[int]] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _call(self, frame, event, arg):
+        return self._line if frame.f_code.co_filename in self.paths else None
+
+    def _line(self, frame, event, arg):
+        if event == "line" and self.current is not None:
+            self.lines[self.current].add(frame.f_lineno)
+        return self._line
+
+    # pytest hooks (this object is registered as a plugin): trace from each test's setup to its teardown
+    def pytest_runtest_logstart(self, nodeid, location):
+        import threading
+
+        self.current = nodeid
+        self.lines.setdefault(nodeid, set())
+        self._start = time.monotonic()
+        sys.settrace(self._call)
+        threading.settrace(self._call)
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        import threading
+
+        sys.settrace(None)
+        threading.settrace(None)
+        self.current = None
+        self.seconds[nodeid] = self.seconds.get(nodeid, 0.0) + time.monotonic() - self._start
+
+
+def runtime_lines(source: str) -> dict[int, set[int]]:
+    """line -> the lines of its innermost statement (a compound statement: its header), for every line inside a
+    function or lambda body. Lines outside (module level, class bodies, signatures, decorators) run at import, where
+    every test sees them: they are absent and get every mapped test."""
+    tree = ast.parse(source)
+    bodies: list[tuple[int, int]] = []
+    stmts: list[tuple[int, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            bodies.append((node.body[0].lineno, node.body[-1].end_lineno))
+        elif isinstance(node, ast.Lambda):
+            bodies.append((node.body.lineno, node.body.end_lineno))
+        if isinstance(node, ast.stmt):
+            end = node.end_lineno
+            inner = [c for f in ("body", "orelse", "finalbody", "handlers", "cases") for c in getattr(node, f, [])
+                     if isinstance(c, ast.AST) and hasattr(c, "lineno")]
+            if inner:
+                end = max(node.lineno, min(c.lineno for c in inner) - 1)
+            stmts.append((node.lineno, end))
+    out: dict[int, set[int]] = {}
+    for lo, hi in bodies:
+        for line in range(lo, hi + 1):
+            spans = [s for s in stmts if s[0] <= line <= s[1]]
+            lo_s, hi_s = min(spans, key=lambda s: s[1] - s[0]) if spans else (line, line)
+            out[line] = set(range(lo_s, hi_s + 1))
+    return out
+
+
+def select_tests(coverage: dict, m: Mutant, spans: dict[int, set[int]]) -> list[str] | None:
+    """The mapped tests (pytest ids without parameters, in run order) that execute the mutated statement; None when
+    the line runs at import (every mapped test)."""
+    if m.line not in spans:
+        return None
+    want = spans[m.line]
+    ids = [nodeid.split("[")[0] for nodeid, lines in coverage["lines"].items() if want & set(lines)]
+    return list(dict.fromkeys(ids))
 
 
 class SubprocessRunner:
@@ -412,8 +520,26 @@ def _tail(path: str, n: int = 6) -> str:
     return "\n".join((failed or lines)[-n:])
 
 
+def _coverage_for(runner: ForkRunner, rel: str, tests: list[str], out_dir: str, log: str) -> dict:
+    """The traced baseline of `rel`'s tests, cached in OUT (keyed by source and tests: an edit re-traces)."""
+    import hashlib
+
+    with open(os.path.join(REPO, rel), encoding="utf-8") as f:
+        key = hashlib.sha256((f.read() + "\n".join(tests)).encode()).hexdigest()[:16]
+    path = os.path.join(out_dir, f"coverage_{rel.replace('/', '_')}_{key}.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    start = time.monotonic()
+    cov = runner.coverage(rel, tests, log)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cov, f)
+    print(f"traced {rel} under {len(cov['lines'])} tests: {time.monotonic() - start:.1f}s", flush=True)
+    return cov
+
+
 def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float | None, tests_override=None,
-                resume: bool = True) -> None:
+                resume: bool = True, select: bool = True) -> None:
     out_dir = os.path.abspath(out_dir)  # the fork runner works inside the copy
     os.makedirs(out_dir, exist_ok=True)
     results = os.path.join(out_dir, "results.jsonl")
@@ -426,12 +552,41 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
     runner = ForkRunner(root) if mode == "fork" else SubprocessRunner(root)
     log = os.path.join(tmp, "pytest.log")
     baselines: dict[tuple[str, ...], float] = {}
+    coverages: dict[str, dict] = {}
+    spans: dict[str, dict[int, set[int]]] = {}
     try:
         for m in mutants:
             if m.id in done:
                 continue
             tests = tests_override or tests_for(m.file)
             key = tuple(tests)
+            if select and mode == "fork":  # only the mapped tests that execute the mutated statement
+                if m.file not in coverages:
+                    with open(os.path.join(REPO, m.file), encoding="utf-8") as f:
+                        spans[m.file] = runtime_lines(f.read())
+                    coverages[m.file] = _coverage_for(runner, m.file, tests, out_dir, log)
+                chosen = select_tests(coverages[m.file], m, spans[m.file])
+                if chosen is not None:
+                    if not chosen:  # no mapped test runs this line: nothing can see the mutant
+                        rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": "survived",
+                               "seconds": 0.0, "tests": [], "mode": mode, "diff": diff(m), "failure": "",
+                               "uncovered": True}
+                        with open(results, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        print(f"survived    0.0s {m.id} [{m.op}] {m.after} (no test runs this line)", flush=True)
+                        continue
+                    secs = coverages[m.file]["seconds"]
+                    took_all = sum(v for k, v in secs.items() if k.split("[")[0] in chosen)
+                    limit = timeout or 3 * took_all + 30
+                    status, took = runner.run(m, chosen, limit, log)
+                    rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": status,
+                           "seconds": round(took, 1), "tests": chosen, "mode": mode,
+                           "diff": diff(m) if status == "survived" else "",
+                           "failure": _tail(log) if status == "killed" else ""}
+                    with open(results, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    print(f"{status:8s} {took:6.1f}s {m.id} [{m.op}] {m.after} ({len(chosen)} tests)", flush=True)
+                    continue
             if key not in baselines:
                 status, took = runner.run(None, tests, 3600, log)
                 if status != "survived":
@@ -498,6 +653,9 @@ def main(argv=None) -> int:
     rn.add_argument("--mode", choices=("fork", "subprocess"), default="fork")
     rn.add_argument("--timeout", type=float, help="seconds per mutant (default 3 x baseline + 20)")
     rn.add_argument("--tests", nargs="*", help="test files to run instead of the mapped ones")
+    rn.add_argument("--all-tests", action="store_true",
+                    help="run every mapped test for each mutant (default in fork mode: only those that execute the "
+                         "mutated statement, found by one traced baseline run)")
     rn.add_argument("--sample", type=int, default=0,
                     help="a seeded uniform sample of this many mutants per file (0: all); the estimate of a whole run")
     rn.add_argument("--seed", type=int, default=0, help="seed of --sample")
@@ -555,7 +713,8 @@ def main(argv=None) -> int:
     if args.survivors:
         alive = {r["id"] for r in load(os.path.join(args.out, "results.jsonl")) if r["status"] == "survived"}
         mutants = [m for m in mutants if m.id in alive]
-    run_mutants(mutants, args.out, args.mode, args.timeout, args.tests, resume=not args.survivors)
+    run_mutants(mutants, args.out, args.mode, args.timeout, args.tests, resume=not args.survivors,
+                select=not args.all_tests)
     return 0
 
 
