@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .seq_align import global_align
-from .tokens import CHUNK, PromptError, PromptTokens
+from .tokens import CHUNK, PromptError, PromptTokens, require_one_block
 
 ALIGNMENTS = ("align tokens", "same token count only")
 POOLED = ("source", "target")  # which prompt's pooled output the EmbCtrl conditioning carries (SDXL reads it)
@@ -29,12 +29,6 @@ POOLED = ("source", "target")  # which prompt's pooled output the EmbCtrl condit
 def _end(tokens: PromptTokens) -> int:
     """Position of the EOT token of a one-chunk prompt (1 for an empty prompt)."""
     return tokens.last_word_position() + 1
-
-
-def _require_one_chunk(tokens: PromptTokens, label: str) -> None:
-    if tokens.overlong:
-        raise PromptError(f"the {label} {tokens.text!r} is longer than {CHUNK - 2} tokens; EmbCtrl exchanges token "
-                          "embeddings within one 77-token CLIP chunk. Shorten it.")
 
 
 def source_index(source: PromptTokens, target: PromptTokens, alignment: str = ALIGNMENTS[0]) -> torch.Tensor:
@@ -51,8 +45,8 @@ def source_index(source: PromptTokens, target: PromptTokens, alignment: str = AL
     """
     if alignment not in ALIGNMENTS:
         raise PromptError(f"`alignment` {alignment!r} is unknown; choose one of {', '.join(ALIGNMENTS)}")
-    _require_one_chunk(source, "source prompt")
-    _require_one_chunk(target, "target prompt")
+    require_one_block(source, "source prompt", "EmbCtrl")
+    require_one_block(target, "target prompt", "EmbCtrl")
     src_end, tgt_end = _end(source), _end(target)
     if src_end == tgt_end:
         same = [int(source.ids[j]) == int(target.ids[j]) for j in range(CHUNK)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import CHUNK, PromptError, PromptTokens
+from .tokens import PromptError, PromptTokens, require_one_block
 
 NW_GAP, NW_MATCH, NW_MISMATCH = 0, 1, -1  # scores of the reference aligner (a substituted word counts as new)
 
@@ -24,18 +24,6 @@ def _words(tokens: PromptTokens) -> list[list[int]]:
         if wid > 0:
             groups.setdefault(wid, []).append(pos)
     return [groups[k] for k in sorted(groups)]
-
-
-def _require_single_chunk(tokens: PromptTokens, label: str) -> None:
-    """Both prompts must fit one attention context block: a CLIP chunk (75 tokens) or Flux's T5 sequence (255)."""
-    if not tokens.overlong:
-        return
-    if tokens.encoder == "t5":
-        raise PromptError(f"the {label} {tokens.text!r} has {tokens.last_word_position() + 2} T5 tokens; Prompt-to-Prompt "
-                          f"on Flux needs both prompts within T5's {tokens.length}-token sequence ({tokens.length - 1} "
-                          "tokens and the end token). Shorten it.")
-    raise PromptError(f"the {label} {tokens.text!r} is longer than {CHUNK - 2} tokens; Prompt-to-Prompt needs both "
-                      "prompts within one CLIP chunk. Shorten it.")
 
 
 def _same_length(source: PromptTokens, target: PromptTokens) -> int:
@@ -64,8 +52,8 @@ def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tens
       reference's when punctuation is glued ("a cat, sitting" has 4 words here, 3 there; "a dog sitting" is refused as
       a swap target here, accepted there).
     """
-    _require_single_chunk(source, "source prompt")
-    _require_single_chunk(target, "target prompt")
+    require_one_block(source, "source prompt", "Prompt-to-Prompt")
+    require_one_block(target, "target prompt", "Prompt-to-Prompt")
     length = _same_length(source, target)
     src_words, tgt_words = _words(source), _words(target)
     if len(src_words) != len(tgt_words):
@@ -128,8 +116,8 @@ def refinement_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch
 
     The alignment runs on the real token ids including SOT and EOT; padding positions map to themselves.
     """
-    _require_single_chunk(source, "source prompt")
-    _require_single_chunk(target, "target prompt")
+    require_one_block(source, "source prompt", "Prompt-to-Prompt")
+    require_one_block(target, "target prompt", "Prompt-to-Prompt")
     length = _same_length(source, target)
     x = list(source.ids[: source.last_word_position() + 2])
     y = list(target.ids[: target.last_word_position() + 2])

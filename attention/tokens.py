@@ -219,3 +219,16 @@ def parse_word_values(spec: str, name: str) -> list[tuple[str, float]]:
             raise PromptError(f"`{name}` item {item!r} is not of the form word=number (e.g. \"cat=2.0, dog=0.5\")") \
                 from None
     return out
+
+
+def require_one_block(tokens: PromptTokens, label: str, technique: str) -> None:
+    """Refuse a prompt that does not fit one attention context block (`tokens.overlong`): a CLIP chunk of 75 tokens,
+    or Flux's T5 sequence of 255 tokens and the end token. `label` names the input, `technique` the node's method."""
+    if not tokens.overlong:
+        return
+    if tokens.encoder == "t5":
+        raise PromptError(f"the {label} {tokens.text!r} has {tokens.last_word_position() + 2} T5 tokens; {technique} "
+                          f"on Flux needs both prompts within T5's {tokens.length}-token sequence ({tokens.length - 1} "
+                          "tokens and the end token). Shorten it.")
+    raise PromptError(f"the {label} {tokens.text!r} is longer than {CHUNK - 2} tokens; {technique} needs both prompts "
+                      "within one CLIP chunk. Shorten it.")

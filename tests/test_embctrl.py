@@ -150,7 +150,8 @@ def test_75_tokens_fit_and_76_are_rejected(tiny):
     index = embctrl.source_index(src, tgt, "same token count only")
     assert index[75] == -1 and index[:75].tolist() == list(range(75)) and index[76] == 76
     longer = tokens.tokenize_prompt(tiny.clip, "a " * 76)
-    with pytest.raises(tokens.PromptError, match="longer than 75 tokens"):
+    with pytest.raises(tokens.PromptError,
+                       match="source prompt .* is longer than 75 tokens; EmbCtrl needs both prompts within one CLIP"):
         embctrl.source_index(longer, tgt)
 
 

@@ -72,7 +72,8 @@ def test_flux_prompts_longer_than_a_clip_chunk_fit_t5s_sequence():
     index, alphas = seq_align.refinement_mapper(_t5(source), _t5(source[:50] + [500] + source[50:]))
     assert index[49:53].tolist() == [49, 0, 50, 51] and alphas[49:53].tolist() == [1, 0, 1, 1]
     seq_align.replacement_mapper(_t5(list(range(10, 265))), _t5(list(range(10, 265))))  # 255 tokens + end: fits
-    with pytest.raises(tokens.PromptError, match="has 257 T5 tokens.*within T5's 256-token sequence"):
+    with pytest.raises(tokens.PromptError,
+                       match="has 257 T5 tokens; Prompt-to-Prompt on Flux needs both prompts within T5's 256-token"):
         seq_align.replacement_mapper(_t5(list(range(10, 266))), _t5(source))
     clip_long = tokens.PromptTokens("long", tuple([49406] + [5] * 75 + [49407]), ("w",) * 77,
                                     (0,) + tuple(range(1, 76)) + (0,), 49407)
