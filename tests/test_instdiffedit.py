@@ -259,6 +259,7 @@ def test_feather_weights_and_finish_growth_by_hand():
     assert torch.allclose(w[0, 2], torch.tensor([1, 1, 1, 2 / 3, 1 / 3, 0, 0, 0, 0]))  # (r + 1 - d) / (r + 1)
     assert torch.allclose(w[0, 0, :5], torch.tensor([2 / 3, 2 / 3, 2 / 3, 2 / 3, 1 / 3]))  # Chebyshev: corner d = 1
     assert torch.equal(masks().feather_weights(mask, 0), mask)
+    assert torch.equal(masks().feather_weights(mask, -1), mask)  # a negative radius (API callers) is no feather
     assert [masks().finish_cells(r) for r in (0, 1, 8, 9, 16, 17)] == [0, 2, 2, 3, 3, 4]
 
 
