@@ -921,6 +921,60 @@ def test_row_encoder_refuses_a_prompt_with_a_textual_inversion_embedding():
     plain = SimpleNamespace(cond_stage_model=clip.cond_stage_model,
                             tokenize=lambda _text: {"l": [[(0, 1.0), (5, 1.0), (9, 1.0)]]})
     assert text.RowEncoder(plain, SimpleNamespace(text="a thing"), [1]).chunk_ids["l"].tolist() == [[0, 5, 9]]
+    second = SimpleNamespace(cond_stage_model=clip.cond_stage_model,  # the embedding in the second chunk only
+                             tokenize=lambda _text: {"l": [[(0, 1.0), (5, 1.0), (9, 1.0)],
+                                                           [(0, 1.0), (torch.zeros(3), 1.0), (9, 1.0)]]})
+    with pytest.raises(text.LearnedRowsError, match="textual-inversion embedding"):
+        text.RowEncoder(second, SimpleNamespace(text="a long prompt"), [1])
+
+
+def test_row_encoder_needs_every_encoder_to_read_the_learned_rows():
+    """Every CLIP text encoder of the prompt (SDXL: l and g) must read its learned rows; an encoder whose table has
+    no get_input_embeddings is not a learnable CLIP, and a model with none is refused."""
+    text = pkg("inversion.dpl_text")
+
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(10, 3)
+
+        def get_input_embeddings(self):
+            return self.table
+
+        def set_input_embeddings(self, table):
+            self.table = table
+
+    class Model:
+        def __init__(self, read):
+            self.clip_l = SimpleNamespace(transformer=Transformer())
+            self.clip_g = SimpleNamespace(transformer=Transformer())
+            self.read = read
+
+        def reset_clip_options(self):
+            pass
+
+        def encode_token_weights(self, tokens):
+            out = [getattr(self, f"clip_{k}").transformer.get_input_embeddings()(torch.tensor([[t for t, _w in
+                                                                                               tokens[k][0]]]))
+                   for k in self.read]
+            return torch.cat(out, -1), None
+
+    ids = [(0, 1.0), (5, 1.0), (9, 1.0)]
+    for read, ok in (("lg", True), ("l", False), ("g", False)):
+        clip = SimpleNamespace(cond_stage_model=Model(read), tokenize=lambda _text: {"l": [ids], "g": [ids]})
+        encoder = text.RowEncoder(clip, SimpleNamespace(text="a thing"), [1])
+        assert sorted(encoder.encoders) == ["g", "l"]
+        if ok:
+            assert encoder.encode(encoder.initial_rows()).shape == (1, 3, 3 * len(read))
+        else:
+            with pytest.raises(text.LearnedRowsError, match="did not use the learned noun rows"):
+                encoder.encode(encoder.initial_rows())
+    model = SimpleNamespace(clip_l=SimpleNamespace(transformer=torch.nn.Linear(2, 2)),  # no token table to learn
+                            clip_g=SimpleNamespace(transformer=Transformer()))
+    assert list(text.text_encoders(SimpleNamespace(cond_stage_model=model))) == ["g"]
+    with pytest.raises(text.LearnedRowsError, match="no CLIP text encoder whose token embeddings can be learned"):
+        text.text_encoders(SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=SimpleNamespace(transformer=None),
+                                                                             clip_h=SimpleNamespace())))
 
 
 class StubDenoiser:
