@@ -1046,6 +1046,32 @@ def test_stacked_conditioning_keeps_the_inversions_flux_guidance_and_says_so(cap
     assert "`target` asks for Flux guidance 3.5" in caplog.text and "the inversion's guidance 2.0" in caplog.text
 
 
+def test_token_repetition_and_sdxl_size_defaults_by_hand(caplog):
+    """Contexts of different token lengths are repeated along T (dim 1) to their lcm, whatever the batch or width;
+    an entry's SDXL size conditioning defaults to the picture's own size (width = image columns), crops 0, targets
+    the size; a later entry that asks for another size is logged with both."""
+    conditioning = pkg("inversion.conditioning")
+    t = torch.arange(8.0).view(1, 2, 4)
+    assert torch.equal(conditioning.repeat_tokens(t, 4), torch.cat([t, t], 1))  # width 4 == length: still along T
+    assert conditioning.repeat_tokens(t, 2) is t
+    assert conditioning.repeat_tokens(torch.zeros(4, 2, 3), 4).shape == (4, 4, 3)  # batch 4 == length
+    assert conditioning.size_conditioning({}, (64, 96)) == {"width": 96, "height": 64, "crop_w": 0, "crop_h": 0,
+                                                             "target_width": 96, "target_height": 64}
+    asked = {"width": 1024, "height": 512, "crop_w": 8, "crop_h": 4, "target_height": 256}
+    assert conditioning.size_conditioning(asked, (64, 96)) == {"width": 1024, "height": 512, "crop_w": 8, "crop_h": 4,
+                                                                "target_width": 1024, "target_height": 256}
+    source = [[torch.zeros(1, 2, 4), {"pooled_output": torch.zeros(1, 3)}]]
+    target = [[torch.ones(1, 3, 4), {"pooled_output": torch.ones(1, 3), **asked}]]
+    with caplog.at_level("WARNING"):
+        tensor, options = conditioning.stack_conditioning([source, target], ["source", "target"], (64, 96))[0]
+    assert tensor.shape == (2, 6, 4) and torch.equal(tensor[1], torch.ones(6, 4)) and not any(k in options for k in asked)
+    assert torch.equal(options["pooled_output"], torch.tensor([[0.0] * 3, [1.0] * 3]))
+    assert "`target` asks for SDXL size conditioning {'width': 1024, 'height': 512, 'crop_w': 8, 'crop_h': 4, " \
+           "'target_width': 1024, 'target_height': 256}" in caplog.text
+    assert "with the source's {'width': 96, 'height': 64, 'crop_w': 0, 'crop_h': 0, 'target_width': 96, " \
+           "'target_height': 64}" in caplog.text
+
+
 def test_prompt_tokens_mark_a_textual_inversion_vector_as_id_minus_one():
     """A token that is an embedding vector (ComfyUI's `embedding:name`) has id -1 and piece "<emb>" (what the pack's
     consumers, e.g. DPL's refusal, read)."""
