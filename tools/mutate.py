@@ -521,11 +521,15 @@ def _tail(path: str, n: int = 6) -> str:
 
 
 def _coverage_for(runner: ForkRunner, rel: str, tests: list[str], out_dir: str, log: str) -> dict:
-    """The traced baseline of `rel`'s tests, cached in OUT (keyed by source and tests: an edit re-traces)."""
+    """The traced baseline of `rel`'s tests, cached in OUT (keyed by the source, the test list and the test files'
+    contents: an edit of either traces again)."""
     import hashlib
 
-    with open(os.path.join(REPO, rel), encoding="utf-8") as f:
-        key = hashlib.sha256((f.read() + "\n".join(tests)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join(tests).encode())
+    for path in [rel] + sorted({t.split("::")[0] for t in tests} | {"tests/conftest.py"}):
+        with open(os.path.join(REPO, path), "rb") as f:
+            digest.update(f.read())
+    key = digest.hexdigest()[:16]
     path = os.path.join(out_dir, f"coverage_{rel.replace('/', '_')}_{key}.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
