@@ -170,6 +170,10 @@ def test_a_clip_of_another_family_is_refused_at_every_node(tiny, sdxl, inv):
     common = pkg("nodes.common")
     with pytest.raises(common.AttnEditError, match=r"width 2048 \(SDXL CLIP\) but this SD1.x MODEL"):
         common.check_text_encoder("N", tiny.model, torch.zeros(1, 77, 2048), "`clip`")
+    for other, family in ((768, "SD1.x"), (1024, "SD2.x"), (2048, "SDXL"), (4096, "Flux / SD3 T5-XXL"),
+                          (767, "another model's"), (1025, "another model's")):  # the real families' widths, exactly
+        with pytest.raises(common.AttnEditError, match=rf"width {other} \({family} CLIP\) but this SDXL MODEL"):
+            common.check_text_encoder("N", sdxl[0], torch.zeros(1, 77, other), "`clip`")
     common.check_text_encoder("N", tiny.model, torch.zeros(1, 77, width), "`clip`")  # the right width passes
 
 
