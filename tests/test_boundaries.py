@@ -1046,10 +1046,11 @@ def test_stacked_conditioning_keeps_the_inversions_flux_guidance_and_says_so(cap
     assert "`target` asks for Flux guidance 3.5" in caplog.text and "the inversion's guidance 2.0" in caplog.text
 
 
-def test_token_repetition_and_sdxl_size_defaults_by_hand(caplog):
+def test_conditioning_stack_by_hand_token_repetition_sizes_and_options(caplog):
     """Contexts of different token lengths are repeated along T (dim 1) to their lcm, whatever the batch or width;
     an entry's SDXL size conditioning defaults to the picture's own size (width = image columns), crops 0, targets
-    the size; a later entry that asks for another size is logged with both."""
+    the size; a later entry that asks for another size is logged with both. Other options are the last entry's, and
+    pooled outputs are stacked only when every entry has one."""
     conditioning = pkg("inversion.conditioning")
     t = torch.arange(8.0).view(1, 2, 4)
     assert torch.equal(conditioning.repeat_tokens(t, 4), torch.cat([t, t], 1))  # width 4 == length: still along T
@@ -1070,6 +1071,11 @@ def test_token_repetition_and_sdxl_size_defaults_by_hand(caplog):
            "'target_width': 1024, 'target_height': 256}" in caplog.text
     assert "with the source's {'width': 96, 'height': 64, 'crop_w': 0, 'crop_h': 0, 'target_width': 96, " \
            "'target_height': 64}" in caplog.text
+    # options other than size, guidance and pooled output are the last entry's; pooled only when every entry has one
+    middle = [[torch.ones(1, 2, 4), {"strength": 0.5}]]
+    last = [[torch.ones(1, 2, 4), {"strength": 0.25}]]
+    tensor, options = conditioning.stack_conditioning([source, middle, last], ["a", "b", "c"])[0]
+    assert tensor.shape == (3, 2, 4) and options == {"strength": 0.25}
 
 
 def test_prompt_tokens_mark_a_textual_inversion_vector_as_id_minus_one():
