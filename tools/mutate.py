@@ -84,7 +84,8 @@ TEST_MAP = {
                                     "tests/test_instdiffedit.py",
                                     "tests/test_packaging.py::test_numeric_defaults_lie_in_their_range_and_match_the_"
                                     "function_defaults"],
-    "inversion/dpl.py": FAST + ["tests/test_dpl_edit.py", "tests/test_dpl_math.py", "tests/test_dpl.py"],
+    "inversion/dpl.py": FAST + ["tests/test_dpl_edit.py", "tests/test_dpl_math.py", "tests/test_dpl.py",
+                                "tests/test_dpl_steps.py", "tests/test_dpl_background.py"],
 }
 # Modules not in TEST_MAP run FAST plus the test files that name them; these files reach them only through nodes and
 # are added (Flux inversion runs engine.invert_image's flow branch).
