@@ -718,6 +718,16 @@ def test_dpl_progress_counts_token_and_null_text_updates_per_step():
     assert settings.units_per_step() == 5
 
 
+def test_dpl_nouns_need_one_word_each_and_no_shared_tokens():
+    dpl = pkg("inversion.dpl")
+    assert dpl.check_nouns([[5, 4, 4], [7]]) == [[4, 5], [7]]
+    for nouns in ([], [[3], []], [[]]):
+        with pytest.raises(ValueError, match="`nouns` is empty"):
+            dpl.check_nouns(nouns)
+    with pytest.raises(ValueError, match="share tokens"):
+        dpl.check_nouns([[3, 4], [4]])
+
+
 def test_dpl_defaults_are_the_official_codes():
     """At most 21 token updates per step (DPL.sh: ATTN_STEP=21), AdamW at torch's defaults (lr 1e-3, weight decay
     1e-2), null-text's 10 inner steps (see inversion/dpl.py), V = 5 segments, cross-attention at level 4."""
