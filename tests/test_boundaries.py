@@ -728,6 +728,18 @@ def test_dpl_nouns_need_one_word_each_and_no_shared_tokens():
         dpl.check_nouns([[3, 4], [4]])
 
 
+def test_dpl_background_estimate_needs_both_captured_maps():
+    """Sec. 3.3 needs the level-2 self-attention and the semantic-level cross-attention of the DDIM pass: a model
+    without either gets the clear error, not a crash inside the estimate."""
+    dpl = pkg("inversion.dpl")
+    maps = {("self", dpl.SELF_LEVEL_DPL): torch.ones(1, 4, 4), ("cross", 4): torch.ones(1, 1, 77)}
+    for missing in maps:
+        run = SimpleNamespace(mean_map=lambda kind, level, gone=missing: None if (kind, level) == gone
+                              else maps[(kind, level)])
+        with pytest.raises(ValueError, match="too small for the background estimate"):
+            dpl.estimate_from_run(run, [[1]], dpl.DPLSettings())
+
+
 def test_dpl_defaults_are_the_official_codes():
     """At most 21 token updates per step (DPL.sh: ATTN_STEP=21), AdamW at torch's defaults (lr 1e-3, weight decay
     1e-2), null-text's 10 inner steps (see inversion/dpl.py), V = 5 segments, cross-attention at level 4."""
