@@ -75,3 +75,11 @@ def test_line_trace_records_each_tests_lines_of_the_target_file_only(tmp_path, m
     lines = {k.rsplit("::", 1)[1]: v for k, v in trace.lines.items()}
     assert lines == {"test_small": {2, 4}, "test_big": {2, 3}}
     assert set(trace.seconds) == set(trace.lines)
+
+
+def test_import_time_assignments_run_first_the_tests_that_execute_a_line_naming_them():
+    source = "SCALE = 2\n\n\ndef f(x):\n    return x * SCALE\n\n\ndef g(x):\n    return x\n"
+    spans = mutate.runtime_lines(source)
+    coverage = {"lines": {"t.py::a": [9], "t.py::b[1]": [5], "t.py::b[2]": [5, 9], "t.py::c": [9]}}
+    assert mutate.likely_killers(coverage, _mutant(1), source, spans) == ["t.py::b"]
+    assert mutate.likely_killers(coverage, _mutant(9), source, spans) == []  # not an assignment

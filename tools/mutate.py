@@ -40,6 +40,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -481,6 +482,23 @@ def select_tests(coverage: dict, m: Mutant, spans: dict[int, set[int]]) -> list[
     return list(dict.fromkeys(ids))
 
 
+def likely_killers(coverage: dict, m: Mutant, source: str, spans: dict[int, set[int]]) -> list[str]:
+    """For a mutant on an import-time assignment (`NAME = ...`, a class field): the mapped tests that execute a line
+    naming what it assigns. They run first; every mapped test still runs after them, so this only orders."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.lineno <= m.line <= node.end_lineno:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    if not names:
+        return []
+    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
+    lines = {i for i, text in enumerate(source.splitlines(), 1) if i in spans and pattern.search(text)}
+    ids = [nodeid.split("[")[0] for nodeid, ran in coverage["lines"].items() if lines & set(ran)]
+    return list(dict.fromkeys(ids))
+
+
 class SubprocessRunner:
     """Writes the mutated file into the copy and runs pytest in a fresh interpreter (exact, slow)."""
 
@@ -559,18 +577,23 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
     baselines: dict[tuple[str, ...], float] = {}
     coverages: dict[str, dict] = {}
     spans: dict[str, dict[int, set[int]]] = {}
+    sources: dict[str, str] = {}
     try:
         for m in mutants:
             if m.id in done:
                 continue
             tests = tests_override or tests_for(m.file)
             key = tuple(tests)
+            first: list[str] = []
             if select and mode == "fork":  # only the mapped tests that execute the mutated statement
                 if m.file not in coverages:
                     with open(os.path.join(REPO, m.file), encoding="utf-8") as f:
-                        spans[m.file] = runtime_lines(f.read())
+                        sources[m.file] = f.read()
+                    spans[m.file] = runtime_lines(sources[m.file])
                     coverages[m.file] = _coverage_for(runner, m.file, tests, out_dir, log)
                 chosen = select_tests(coverages[m.file], m, spans[m.file])
+                if chosen is None:
+                    first = likely_killers(coverages[m.file], m, sources[m.file], spans[m.file])
                 if chosen is not None:
                     if not chosen:  # no mapped test runs this line: nothing can see the mutant
                         rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": "survived",
@@ -599,7 +622,7 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
                 baselines[key] = took
                 print(f"baseline {' '.join(tests)}: {took:.1f}s", flush=True)
             limit = timeout or 3 * baselines[key] + 20
-            status, took = runner.run(m, tests, limit, log)
+            status, took = runner.run(m, first + tests, limit, log)
             rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": status, "seconds": round(took, 1),
                    "tests": tests, "mode": mode, "diff": diff(m) if status == "survived" else "",
                    "failure": _tail(log) if status == "killed" else ""}
