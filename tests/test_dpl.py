@@ -56,6 +56,7 @@ def test_outputs_shapes_and_types(tiny, learned):
 
 def test_without_token_updates_it_is_null_text_inversion_bit_for_bit(tiny):
     inv = dpl(tiny, token_iterations=0)[0]
+    assert inv.extras["dpl"]["token_iterations"] == [[]]  # no token loop ran: no step logs
     reference = null_text(tiny, capture_self_attention=True)  # same capture, so the same attention kernels run
     assert torch.equal(inv.latents, reference.latents)
     assert torch.equal(inv.uncond, reference.uncond)
