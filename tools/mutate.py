@@ -594,6 +594,8 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
                 chosen = select_tests(coverages[m.file], m, spans[m.file])
                 if chosen is None:
                     first = likely_killers(coverages[m.file], m, sources[m.file], spans[m.file])
+                    # the traced run passed every mapped test: it is the baseline (traced, so a generous timeout)
+                    baselines.setdefault(key, sum(coverages[m.file]["seconds"].values()))
                 if chosen is not None:
                     if not chosen:  # no mapped test runs this line: nothing can see the mutant
                         rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": "survived",
