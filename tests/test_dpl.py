@@ -46,12 +46,34 @@ def test_outputs_shapes_and_types(tiny, learned):
     assert inv.method == "dpl" and inv.steps == STEPS and inv.batch == 1
     assert inv.cond.shape == inv.uncond.shape == (STEPS, 1, 77, 32)
     assert store.cross[4].shape == (1, 4, 4, 77) and store.self_maps[2].shape == (1, 64, 64)
+    # the maps the losses saw, averaged over steps: still a distribution over the prompt's tokens in every cell
+    assert torch.allclose(store.cross[4].sum(-1), torch.ones(1, 4, 4), atol=1e-4)
     assert mask.shape == (1, 128, 128) and set(mask.unique().tolist()) <= {0.0, 1.0}
     assert recon["samples"].shape == (1, 4, 16, 16) and psnr == -1.0
     assert torch.isfinite(inv.cond).all() and torch.isfinite(inv.uncond).all()
     logs = inv.extras["dpl"]
     assert len(logs["token_iterations"][0]) == STEPS and all(0 <= n <= 4 for n in logs["token_iterations"][0])
     assert logs["estimated_background"][0].shape == (8, 8)
+
+
+def test_progress_counts_every_unit_once(tiny, monkeypatch):
+    """The bar's total is steps x (1 + token_iterations + null_text_iterations): the DDIM pass, one unit per token
+    update and per null-text step, and the unspent budget of a step that stopped early, so it ends exactly full."""
+    progress_cls = pkg("inversion.comfy_model").Progress
+    original = progress_cls.update
+    calls = []
+
+    def counting(self, units=1, x0=None):
+        calls.append((units, self.total))
+        return original(self, units, x0)
+
+    monkeypatch.setattr(progress_cls, "update", counting)
+    inv = dpl(tiny)[0]
+    monkeypatch.setattr(progress_cls, "update", original)
+    assert calls[0][1] == STEPS * (1 + 4 + 2)
+    assert sum(units for units, _ in calls) == calls[0][1]
+    assert sum(inv.extras["dpl"]["token_iterations"][0]) > 0  # token updates happened (each is one unit)
+    assert sum(1 for units, _ in calls if units == 1) >= STEPS + sum(inv.extras["dpl"]["token_iterations"][0])
 
 
 def test_without_token_updates_it_is_null_text_inversion_bit_for_bit(tiny):
