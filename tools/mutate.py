@@ -374,7 +374,10 @@ class ForkRunner:
         with open(out, encoding="utf-8") as f:
             return json.load(f)
 
-    def run(self, m: Mutant | None, tests: list[str], timeout: float, log: str) -> tuple[str, float]:
+    def run(self, m: Mutant | None, tests: list[str], timeout: float, log: str,
+            first: list[str] | None = None) -> tuple[str, float]:
+        """`first`: tests run in a session of their own before `tests` (pytest merges a node id given together with
+        its file back into file order, so an order is only kept by separate sessions)."""
         import pytest
 
         start = time.monotonic()
@@ -387,7 +390,9 @@ class ForkRunner:
                 os.dup2(fd, 2)
                 if m is not None:
                     self._apply(m)
-                code = int(pytest.main(pytest_args(tests, self.root)))
+                code = int(pytest.main(pytest_args(first, self.root))) if first else 0
+                if code == 0:
+                    code = int(pytest.main(pytest_args(tests, self.root)))
             except BaseException as e:  # noqa: BLE001 - a mutant that breaks the import is a killed mutant
                 print(f"mutate: {type(e).__name__}: {e}", flush=True)
                 code = 4
@@ -624,7 +629,7 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
                 baselines[key] = took
                 print(f"baseline {' '.join(tests)}: {took:.1f}s", flush=True)
             limit = timeout or 3 * baselines[key] + 20
-            status, took = runner.run(m, first + tests, limit, log)
+            status, took = runner.run(m, tests, limit, log, first) if first else runner.run(m, tests, limit, log)
             rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": status, "seconds": round(took, 1),
                    "tests": tests, "mode": mode, "diff": diff(m) if status == "survived" else "",
                    "failure": _tail(log) if status == "killed" else ""}
