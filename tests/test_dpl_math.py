@@ -62,6 +62,10 @@ def test_attention_balancing_loss_hand_computed():
 def test_attention_balancing_loss_is_clamped_at_zero_and_multi_token_nouns_average():
     d = L.token_distribution(make_maps())
     assert d.shape == (5, 5, 6) and float(d[..., 0].abs().max()) == 0 and float(d[..., -1].abs().max()) == 0
+    cell = torch.tensor([0.0, 0.01, 0.02, 0.0, 0.03, 0.0])  # softmax(100 A) over the inner tokens (A&E's scale)
+    inner = torch.exp(100 * cell[1:-1]) / torch.exp(100 * cell[1:-1]).sum()
+    assert torch.allclose(L.token_distribution(cell.view(1, 1, 6))[0, 0], torch.cat([torch.zeros(1), inner,
+                                                                                       torch.zeros(1)]), atol=1e-6)
     maps = make_maps()
     maps[2, 2, 2] = 0.5
     maps[2, 2, 3] = 0.5  # tokens 2 and 3 share the pixel: each gets 1/2 there
