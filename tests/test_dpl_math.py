@@ -34,6 +34,13 @@ def test_smoothing_of_a_delta_and_reflect_padding():
     assert float(L.smooth(corner)[0, 0]) == pytest.approx(1 / NORM, abs=1e-6)
     const = torch.full((4, 6), 0.3)
     assert torch.allclose(L.smooth(const), const, atol=1e-6)
+    # a batch of one map is padded as the map (the batch is no spatial side); a one-cell-high map replicates its edge
+    assert torch.equal(L.smooth(corner[None]), L.smooth(corner)[None])
+    row = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    g = L.ae_gaussian_kernel().sum(0)  # a row filtered with replicate padding: the kernel's column sums
+    assert torch.allclose(L.smooth(row), torch.tensor([[g[0], g[1], g[2], 0.0]]), atol=1e-6)
+    five = L.ae_gaussian_kernel(5)  # any odd kernel keeps the map's size (pad = size // 2)
+    assert L.smooth(m, five).shape == (5, 5) and float(L.smooth(m, five)[2, 2]) == pytest.approx(float(five[2, 2]))
 
 
 def make_maps(h=5, w=5, t=6):
