@@ -43,6 +43,14 @@ def test_smoothing_of_a_delta_and_reflect_padding():
     assert L.smooth(m, five).shape == (5, 5) and float(L.smooth(m, five)[2, 2]) == pytest.approx(float(five[2, 2]))
 
 
+def test_noun_maps_average_each_nouns_token_columns_and_no_noun_is_an_empty_stack():
+    maps = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    out = L.noun_maps(maps, [[1, 3], [2]])
+    assert out.shape == (2, 2, 3)
+    assert torch.equal(out[0], (maps[..., 1] + maps[..., 3]) / 2) and torch.equal(out[1], maps[..., 2])
+    assert L.noun_maps(maps, []).shape == (0, 2, 3)
+
+
 def make_maps(h=5, w=5, t=6):
     return torch.zeros(h, w, t)
 
