@@ -740,6 +740,23 @@ def test_dpl_background_estimate_needs_both_captured_maps():
             dpl.estimate_from_run(run, [[1]], dpl.DPLSettings())
 
 
+def test_dpl_background_estimate_reads_a_non_square_cross_grid_row_major():
+    """A 2x4 cross-attention grid (wider than high) whose noun sits in the right half, and level-2 self-attention
+    (4x8) that groups each half: the estimate is the left half, so the cross maps were laid out (h, w)."""
+    dpl = pkg("inversion.dpl")
+    cross = torch.zeros(2, 4, 3)
+    cross[:, 2:, 1] = 1.0  # the noun (token 1) attends to the right half
+    cross[:, :2, 0] = 1.0
+    half = (torch.arange(32) % 8 >= 4).float()  # 4x8 self grid, row-major: right-half cells
+    same = (half[:, None] == half[None, :]).float()
+    self_map = same / same.sum(-1, keepdim=True)  # each query attends uniformly to its own half
+    maps = {("self", dpl.SELF_LEVEL_DPL): self_map[None], ("cross", 4): cross.view(1, 8, 3)}
+    run = SimpleNamespace(mean_map=lambda kind, level: maps[(kind, level)],
+                          grids={("self", dpl.SELF_LEVEL_DPL): (4, 8), ("cross", 4): (2, 4)})
+    background = dpl.estimate_from_run(run, [[1]], dpl.DPLSettings(background_clusters=2))
+    assert torch.equal(background, 1.0 - half.view(4, 8))
+
+
 def test_dpl_defaults_are_the_official_codes():
     """At most 21 token updates per step (DPL.sh: ATTN_STEP=21), AdamW at torch's defaults (lr 1e-3, weight decay
     1e-2), null-text's 10 inner steps (see inversion/dpl.py), V = 5 segments, cross-attention at level 4."""
@@ -1065,6 +1082,8 @@ def test_stacked_conditioning_keeps_the_inversions_flux_guidance_and_says_so(cap
         assert stacked[0][1]["guidance"] == 2.0 and "guidance" not in caplog.text
         stacked = conditioning.stack_conditioning([cond, other], ["inversion source", "target"])
     assert stacked[0][1]["guidance"] == 2.0 and stacked[0][0].shape == (2, 4, 8)
+    # an inversion without guidance: none for the batch, although the target entry carries one
+    assert "guidance" not in conditioning.stack_conditioning([bare, other], ["inversion source", "target"])[0][1]
     assert "`target` asks for Flux guidance 3.5" in caplog.text and "the inversion's guidance 2.0" in caplog.text
 
 
