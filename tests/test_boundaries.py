@@ -1166,6 +1166,12 @@ def test_progress_of_no_work_is_one_unit_never_zero_over_zero():
     assert progress.total == 1
     progress.update(3)
     assert progress.done == 1
+    four = pkg("inversion.comfy_model").Progress(SimpleNamespace(), 4)
+    assert (four.total, four.done) == (4, 0)  # starts empty
+    four.update()
+    assert four.done == 1
+    four.update(5)
+    assert four.done == 4
 
 
 def test_min_latent_side_counts_downsamplings_when_the_unet_has_no_channel_mult():

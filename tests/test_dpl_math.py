@@ -51,6 +51,11 @@ def test_noun_maps_average_each_nouns_token_columns_and_no_noun_is_an_empty_stac
     assert L.noun_maps(maps, []).shape == (0, 2, 3)
 
 
+def test_schedule_threshold_of_a_run_without_steps_is_beta():
+    """t = step * 50 / max(steps, 1): a 0-step call is evaluated at t = 0, not divided by zero."""
+    assert L.schedule_threshold(0.7, 25.0, 0, 0) == 0.7
+
+
 def make_maps(h=5, w=5, t=6):
     return torch.zeros(h, w, t)
 
