@@ -51,6 +51,19 @@ def test_noun_maps_average_each_nouns_token_columns_and_no_noun_is_an_empty_stac
     assert L.noun_maps(maps, []).shape == (0, 2, 3)
 
 
+def test_overlap_and_leakage_by_hand():
+    """Fig. 5's diagnostics: the mean cosine between noun maps (0 below two nouns) and the mean per-noun share of the
+    map's mass on the background (0 without nouns)."""
+    maps = torch.zeros(2, 2, 3)
+    maps[0, 0, 1] = 1.0  # noun 1: one cell, on the background
+    maps[..., 2] = 1.0  # noun 2: every cell
+    background = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert L.overlap_and_leakage(maps, [[1]], background) == (0.0, 1.0)
+    overlap, leak = L.overlap_and_leakage(maps, [[1], [2]], background)
+    assert overlap == pytest.approx(0.5) and leak == pytest.approx((1.0 + 0.25) / 2)
+    assert L.overlap_and_leakage(maps, [], background) == (0.0, 0.0)
+
+
 def test_schedule_threshold_of_a_run_without_steps_is_beta():
     """t = step * 50 / max(steps, 1): a 0-step call is evaluated at t = 0, not divided by zero."""
     assert L.schedule_threshold(0.7, 25.0, 0, 0) == 0.7
