@@ -1159,6 +1159,29 @@ def test_context_override_is_padded_by_repetition_to_the_batchs_token_count():
         hooks._override_context(context, [0, 1], 2, {1: torch.zeros(1, 4, 5)})
 
 
+def test_progress_sends_latent_previews_when_the_host_enables_them(tiny, monkeypatch):
+    """With ComfyUI's previews on (here Latent2RGB), each update with an x0 hands the bar a preview of its last
+    row; with previews off, none (and no error)."""
+    import comfy.cli_args
+    import comfy.utils
+
+    sent = []
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute",
+                        lambda self, value, total=None, preview=None: sent.append((value, total, preview)))
+    comfy_model = pkg("inversion.comfy_model")
+    monkeypatch.setattr(comfy.cli_args.args, "preview_method", comfy.cli_args.LatentPreviewMethod.Latent2RGB)
+    progress = comfy_model.Progress(tiny.model, 2)
+    assert progress.previewer is not None
+    progress.update(1, torch.randn(2, 4, 8, 8))
+    progress.update(1)
+    assert [(v, t) for v, t, _ in sent] == [(1, 2), (2, 2)]
+    assert sent[0][2] is not None and sent[1][2] is None
+    monkeypatch.setattr(comfy.cli_args.args, "preview_method", comfy.cli_args.LatentPreviewMethod.NoPreviews)
+    quiet = comfy_model.Progress(tiny.model, 1)
+    quiet.update(1, torch.randn(1, 4, 8, 8))
+    assert quiet.previewer is None and sent[-1] == (1, 1, None)
+
+
 def test_progress_of_no_work_is_one_unit_never_zero_over_zero():
     """A run with no counted work still shows a bar of one unit that completes (0/0 would draw as NaN in the
     frontend); updates never pass the total."""
