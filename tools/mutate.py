@@ -566,6 +566,17 @@ def _coverage_for(runner: ForkRunner, rel: str, tests: list[str], out_dir: str, 
     return cov
 
 
+def _record(results: str, m: Mutant, status: str, took: float, tests: list[str], mode: str, log: str, note: str = "",
+            **extra) -> None:
+    """Append one mutant's result to OUT/results.jsonl and print it."""
+    rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": status, "seconds": round(took, 1),
+           "tests": tests, "mode": mode, "diff": diff(m) if status == "survived" else "",
+           "failure": _tail(log) if status == "killed" else "", **extra}
+    with open(results, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"{status:8s} {took:6.1f}s {m.id} [{m.op}] {m.after}{note}", flush=True)
+
+
 def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float | None, tests_override=None,
                 resume: bool = True, select: bool = True) -> None:
     out_dir = os.path.abspath(out_dir)  # the fork runner works inside the copy
@@ -597,31 +608,17 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
                     spans[m.file] = runtime_lines(sources[m.file])
                     coverages[m.file] = _coverage_for(runner, m.file, tests, out_dir, log)
                 chosen = select_tests(coverages[m.file], m, spans[m.file])
-                if chosen is None:
-                    first = likely_killers(coverages[m.file], m, sources[m.file], spans[m.file])
-                    # the traced run passed every mapped test: it is the baseline (traced, so a generous timeout)
-                    baselines.setdefault(key, sum(coverages[m.file]["seconds"].values()))
-                if chosen is not None:
-                    if not chosen:  # no mapped test runs this line: nothing can see the mutant
-                        rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": "survived",
-                               "seconds": 0.0, "tests": [], "mode": mode, "diff": diff(m), "failure": "",
-                               "uncovered": True}
-                        with open(results, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        print(f"survived    0.0s {m.id} [{m.op}] {m.after} (no test runs this line)", flush=True)
-                        continue
-                    secs = coverages[m.file]["seconds"]
-                    took_all = sum(v for k, v in secs.items() if k.split("[")[0] in chosen)
-                    limit = timeout or 3 * took_all + 30
-                    status, took = runner.run(m, chosen, limit, log)
-                    rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": status,
-                           "seconds": round(took, 1), "tests": chosen, "mode": mode,
-                           "diff": diff(m) if status == "survived" else "",
-                           "failure": _tail(log) if status == "killed" else ""}
-                    with open(results, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    print(f"{status:8s} {took:6.1f}s {m.id} [{m.op}] {m.after} ({len(chosen)} tests)", flush=True)
+                if chosen == []:  # no mapped test runs this line: nothing can see the mutant
+                    _record(results, m, "survived", 0.0, [], mode, log, " (no test runs this line)", uncovered=True)
                     continue
+                if chosen:
+                    took_all = sum(v for k, v in coverages[m.file]["seconds"].items() if k.split("[")[0] in chosen)
+                    status, took = runner.run(m, chosen, timeout or 3 * took_all + 30, log)
+                    _record(results, m, status, took, chosen, mode, log, f" ({len(chosen)} tests)")
+                    continue
+                first = likely_killers(coverages[m.file], m, sources[m.file], spans[m.file])
+                # the traced run passed every mapped test: it is the baseline (traced, so a generous timeout)
+                baselines.setdefault(key, sum(coverages[m.file]["seconds"].values()))
             if key not in baselines:
                 status, took = runner.run(None, tests, 3600, log)
                 if status != "survived":
@@ -630,12 +627,7 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
                 print(f"baseline {' '.join(tests)}: {took:.1f}s", flush=True)
             limit = timeout or 3 * baselines[key] + 20
             status, took = runner.run(m, tests, limit, log, first) if first else runner.run(m, tests, limit, log)
-            rec = {**{k: v for k, v in asdict(m).items() if k != "source"}, "status": status, "seconds": round(took, 1),
-                   "tests": tests, "mode": mode, "diff": diff(m) if status == "survived" else "",
-                   "failure": _tail(log) if status == "killed" else ""}
-            with open(results, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"{status:8s} {took:6.1f}s {m.id} [{m.op}] {m.after}", flush=True)
+            _record(results, m, status, took, tests, mode, log)
     finally:
         os.chdir(REPO)
         shutil.rmtree(tmp, ignore_errors=True)
