@@ -941,19 +941,24 @@ def test_row_override_replaces_only_sequences_equal_to_a_chunk():
     assert override.hits == 1
 
 
+class TextTable(torch.nn.Module):
+    """The part of a CLIP text transformer DPL's RowEncoder uses: a token table (10 ids, width 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(10, 3)
+
+    def get_input_embeddings(self):
+        return self.table
+
+    def set_input_embeddings(self, table):
+        self.table = table
+
+
 def test_row_encoder_refuses_a_prompt_with_a_textual_inversion_embedding():
     """A token that is an embedding vector (ComfyUI's `embedding:name`) instead of an id is refused by name."""
     text = pkg("inversion.dpl_text")
-
-    class Transformer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Embedding(10, 3)
-
-        def get_input_embeddings(self):
-            return self.table
-
-    clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=SimpleNamespace(transformer=Transformer())),
+    clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=SimpleNamespace(transformer=TextTable())),
                            tokenize=lambda _text: {"l": [[(0, 1.0), (torch.zeros(3), 1.0), (9, 1.0)]]})
     with pytest.raises(text.LearnedRowsError, match="textual-inversion embedding"):
         text.RowEncoder(clip, SimpleNamespace(text="a embedding:thing"), [1])
@@ -972,21 +977,10 @@ def test_row_encoder_needs_every_encoder_to_read_the_learned_rows():
     no get_input_embeddings is not a learnable CLIP, and a model with none is refused."""
     text = pkg("inversion.dpl_text")
 
-    class Transformer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Embedding(10, 3)
-
-        def get_input_embeddings(self):
-            return self.table
-
-        def set_input_embeddings(self, table):
-            self.table = table
-
     class Model:
         def __init__(self, read):
-            self.clip_l = SimpleNamespace(transformer=Transformer())
-            self.clip_g = SimpleNamespace(transformer=Transformer())
+            self.clip_l = SimpleNamespace(transformer=TextTable())
+            self.clip_g = SimpleNamespace(transformer=TextTable())
             self.read = read
 
         def reset_clip_options(self):
@@ -1009,7 +1003,7 @@ def test_row_encoder_needs_every_encoder_to_read_the_learned_rows():
             with pytest.raises(text.LearnedRowsError, match="did not use the learned noun rows"):
                 encoder.encode(encoder.initial_rows())
     model = SimpleNamespace(clip_l=SimpleNamespace(transformer=torch.nn.Linear(2, 2)),  # no token table to learn
-                            clip_g=SimpleNamespace(transformer=Transformer()))
+                            clip_g=SimpleNamespace(transformer=TextTable()))
     assert list(text.text_encoders(SimpleNamespace(cond_stage_model=model))) == ["g"]
     with pytest.raises(text.LearnedRowsError, match="no CLIP text encoder whose token embeddings can be learned"):
         text.text_encoders(SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=SimpleNamespace(transformer=None),

@@ -310,6 +310,27 @@ def pytest_args(tests: list[str], root: str) -> list[str]:
                                                      "-W", "ignore"]
 
 
+def _fork(log: str, body) -> int:
+    """Run `body()` in a forked child with its output in `log`; the child exits with its return code (4 when it
+    raises: a mutant that breaks the import is a killed mutant). Returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 3
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = body()
+        except BaseException as e:  # noqa: BLE001
+            print(f"mutate: {type(e).__name__}: {e}", flush=True)
+            code = 4
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
 class ForkRunner:
     """Boots the host once in this process (from the copy) and runs each mutant in a forked child."""
 
@@ -350,25 +371,15 @@ class ForkRunner:
 
         mod = self.host.module(rel.removesuffix(".py").replace("/", "."))
         out = os.path.join(os.path.dirname(log), "coverage.json")
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 3
-            try:
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                trace = LineTrace({mod.__file__, os.path.realpath(mod.__file__)})
-                code = int(pytest.main(pytest_args(tests, self.root), plugins=[trace]))
-                with open(out, "w", encoding="utf-8") as f:
-                    json.dump({"lines": {k: sorted(v) for k, v in trace.lines.items()}, "seconds": trace.seconds}, f)
-            except BaseException as e:  # noqa: BLE001
-                print(f"mutate: {type(e).__name__}: {e}", flush=True)
-                code = 4
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
+
+        def traced() -> int:
+            trace = LineTrace({mod.__file__, os.path.realpath(mod.__file__)})
+            code = int(pytest.main(pytest_args(tests, self.root), plugins=[trace]))
+            with open(out, "w", encoding="utf-8") as f:
+                json.dump({"lines": {k: sorted(v) for k, v in trace.lines.items()}, "seconds": trace.seconds}, f)
+            return code
+
+        _, status = os.waitpid(_fork(log, traced), 0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"baseline fails for {tests}:\n{_tail(log, 30)}")
         with open(out, encoding="utf-8") as f:
@@ -380,26 +391,14 @@ class ForkRunner:
         its file back into file order, so an order is only kept by separate sessions)."""
         import pytest
 
+        def mutated() -> int:
+            if m is not None:
+                self._apply(m)
+            code = int(pytest.main(pytest_args(first, self.root))) if first else 0
+            return code or int(pytest.main(pytest_args(tests, self.root)))
+
         start = time.monotonic()
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 3
-            try:
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                if m is not None:
-                    self._apply(m)
-                code = int(pytest.main(pytest_args(first, self.root))) if first else 0
-                if code == 0:
-                    code = int(pytest.main(pytest_args(tests, self.root)))
-            except BaseException as e:  # noqa: BLE001 - a mutant that breaks the import is a killed mutant
-                print(f"mutate: {type(e).__name__}: {e}", flush=True)
-                code = 4
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        pid = _fork(log, mutated)
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
