@@ -420,6 +420,7 @@ class LineTrace:
         self.current: str | None = None
         self.lines: dict[str, set[int]] = {}
         self.seconds: dict[str, float] = {}
+        self._start = 0.0
 
     def _call(self, frame, event, arg):
         return self._line if frame.f_code.co_filename in self.paths else None
@@ -476,14 +477,22 @@ def runtime_lines(source: str) -> dict[int, set[int]]:
     return out
 
 
+def base_id(nodeid: str) -> str:
+    """A pytest node id without its parameters: what a mutant's run selects (every parametrisation of the test)."""
+    return nodeid.split("[")[0]
+
+
+def tests_running(coverage: dict, lines: set[int]) -> list[str]:
+    """The traced tests that executed any of `lines`, as `base_id`s, once each, in run order."""
+    return list(dict.fromkeys(base_id(nodeid) for nodeid, ran in coverage["lines"].items() if lines & set(ran)))
+
+
 def select_tests(coverage: dict, m: Mutant, spans: dict[int, set[int]]) -> list[str] | None:
     """The mapped tests (pytest ids without parameters, in run order) that execute the mutated statement; None when
     the line runs at import (every mapped test)."""
     if m.line not in spans:
         return None
-    want = spans[m.line]
-    ids = [nodeid.split("[")[0] for nodeid, lines in coverage["lines"].items() if want & set(lines)]
-    return list(dict.fromkeys(ids))
+    return tests_running(coverage, spans[m.line])
 
 
 def likely_killers(coverage: dict, m: Mutant, source: str, spans: dict[int, set[int]]) -> list[str]:
@@ -498,9 +507,8 @@ def likely_killers(coverage: dict, m: Mutant, source: str, spans: dict[int, set[
     if not names:
         return []
     pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
-    lines = {i for i, text in enumerate(source.splitlines(), 1) if i in spans and pattern.search(text)}
-    ids = [nodeid.split("[")[0] for nodeid, ran in coverage["lines"].items() if lines & set(ran)]
-    return list(dict.fromkeys(ids))
+    return tests_running(coverage, {i for i, text in enumerate(source.splitlines(), 1) if i in spans
+                                    and pattern.search(text)})
 
 
 class SubprocessRunner:
@@ -611,7 +619,7 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
                     _record(results, m, "survived", 0.0, [], mode, log, " (no test runs this line)", uncovered=True)
                     continue
                 if chosen:
-                    took_all = sum(v for k, v in coverages[m.file]["seconds"].items() if k.split("[")[0] in chosen)
+                    took_all = sum(v for k, v in coverages[m.file]["seconds"].items() if base_id(k) in chosen)
                     status, took = runner.run(m, chosen, timeout or 3 * took_all + 30, log)
                     _record(results, m, status, took, chosen, mode, log, f" ({len(chosen)} tests)")
                     continue
