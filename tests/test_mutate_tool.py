@@ -42,7 +42,7 @@ def test_lines_in_function_bodies_map_to_their_statement_and_import_time_lines_a
     assert spans[18] == {18}  # a lambda's body inside a method
 
 
-def test_select_tests_keeps_the_tests_that_run_any_line_of_the_statement_once_each_in_run_order():
+def test_select_tests_keeps_the_tests_that_run_any_line_of_the_statement_once_each():
     spans = mutate.runtime_lines(SOURCE)
     coverage = {"lines": {"t.py::a[1]": [6, 10], "t.py::a[2]": [7, 8], "t.py::b": [9, 11], "t.py::c": [18]}}
     assert mutate.select_tests(coverage, _mutant(7), spans) == ["t.py::a"]
@@ -51,6 +51,13 @@ def test_select_tests_keeps_the_tests_that_run_any_line_of_the_statement_once_ea
     assert mutate.select_tests(coverage, _mutant(10), spans) == ["t.py::a"]
     assert mutate.select_tests(coverage, _mutant(15), spans) is None  # import time: every mapped test
     assert mutate.select_tests({"lines": {"t.py::b": [11]}}, _mutant(18), spans) == []  # nothing runs it
+
+
+def test_selected_tests_run_quickest_first_summing_a_tests_parameters():
+    spans = mutate.runtime_lines(SOURCE)
+    coverage = {"lines": {"t.py::a[1]": [8], "t.py::a[2]": [8], "t.py::b": [9], "t.py::c": [8]},
+                "seconds": {"t.py::a[1]": 1.0, "t.py::a[2]": 1.5, "t.py::b": 2.0, "t.py::c": 0.1}}
+    assert mutate.select_tests(coverage, _mutant(8), spans) == ["t.py::c", "t.py::b", "t.py::a"]
 
 
 def test_line_trace_records_each_tests_lines_of_the_target_file_only(tmp_path, monkeypatch):

@@ -483,12 +483,17 @@ def base_id(nodeid: str) -> str:
 
 
 def tests_running(coverage: dict, lines: set[int]) -> list[str]:
-    """The traced tests that executed any of `lines`, as `base_id`s, once each, in run order."""
-    return list(dict.fromkeys(base_id(nodeid) for nodeid, ran in coverage["lines"].items() if lines & set(ran)))
+    """The traced tests that executed any of `lines`, as `base_id`s, once each, quickest first (traced seconds summed
+    over parameters; ties in run order): a run stops at its first failure, so a mutant is killed sooner."""
+    ids = list(dict.fromkeys(base_id(nodeid) for nodeid, ran in coverage["lines"].items() if lines & set(ran)))
+    seconds: dict[str, float] = {}
+    for nodeid, took in coverage.get("seconds", {}).items():
+        seconds[base_id(nodeid)] = seconds.get(base_id(nodeid), 0.0) + took
+    return sorted(ids, key=lambda i: seconds.get(i, 0.0))
 
 
 def select_tests(coverage: dict, m: Mutant, spans: dict[int, set[int]]) -> list[str] | None:
-    """The mapped tests (pytest ids without parameters, in run order) that execute the mutated statement; None when
+    """The mapped tests (pytest ids without parameters, quickest first) that execute the mutated statement; None when
     the line runs at import (every mapped test)."""
     if m.line not in spans:
         return None
