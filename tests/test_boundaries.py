@@ -1216,6 +1216,21 @@ def test_fusion_loop_feeds_each_row_its_stream_alg1():
     assert [x[:, 0, 0, 0].tolist() for x in den.calls] == [[0.0, 1.0, 1.0, 2.0, 2.0]]
 
 
+@pytest.mark.parametrize("layout_name, expected", [("ALG1", [[0, 1, 3], [0, 2, 4]]), ("ALG5", [[0, 1], [0, 2]])])
+def test_fusion_loop_blends_each_streams_bar_row_outside_the_region_and_its_hat_row_inside(layout_name, expected):
+    """Eq. 9/10/14: stream s's prediction is its eps_bar row on A^c and its eps_hat row on A (the source stream is
+    row 0 alone): t2i = (1, 2), target = (3, 4) in Alg. 1; target = (1, 2) in Alg. 5."""
+    fusion = pkg("inversion.fusion")
+    layout = getattr(fusion, layout_name)
+    den = StubDenoiser(lambda x: torch.arange(x.shape[0], dtype=x.dtype).view(-1, 1, 1, 1).expand_as(x).clone())
+    region = torch.tensor([[[[0.0, 1.0]]]])  # A^c on the left cell, A on the right
+    joined = []
+    fusion.fusion_loop(den, torch.zeros(layout.streams, 1, 1, 2), torch.tensor([1.0, 0.0]), layout, region,
+                       edit_mod.SourceBranch(torch.zeros(2, 1, 1, 2)), lambda _i: {},
+                       on_step=lambda _i, _s, j: joined.append(j))
+    assert [joined[0][:, 0, 0, cell].tolist() for cell in (0, 1)] == expected
+
+
 def test_fusion_row_contexts_give_each_c_t_row_its_own_negative_row():
     """Rows on C^S (source, t2i_bar, target_bar) take the step's ∅_t; the t2i and target rows take their own row of
     a per-row negative (the last row included)."""

@@ -90,6 +90,42 @@ def test_flux_prompts_longer_than_a_clip_chunk_fit_t5s_sequence():
         seq_align.refinement_mapper(clip_long, _t5(source))
 
 
+def test_a_prompt_overflows_its_block_when_it_has_more_ids_or_a_word_at_the_blocks_last_position():
+    """`overlong`: more ids than one block, or (a tokenizer without an end token) a word at the block's last position;
+    `chunks` counts whole blocks and never less than one (a T5 prompt tokenised shorter than its block)."""
+    def clip_tokens(last_word):
+        return tokens.PromptTokens("p", tuple(range(77)), ("w",) * 77,
+                                   (0,) + tuple(range(1, last_word + 1)) + (0,) * (76 - last_word), 49407)
+
+    assert not clip_tokens(75).overlong and clip_tokens(75).last_word_position() == 75
+    assert clip_tokens(76).overlong  # no room left for the end token
+    assert clip_tokens(75).chunks == 1
+    two = tokens.PromptTokens("p", tuple(range(154)), ("w",) * 154, (0,) + (1,) * 3 + (0,) * 150, 49407)
+    assert two.chunks == 2 and two.overlong
+    short = tokens.PromptTokens("p", (5, 6, 1), ("a", "b", ""), (1, 2, 0), 1, length=256, encoder="t5")
+    assert short.chunks == 1 and not short.overlong
+
+
+def test_t5_block_length_is_the_tokenizers_min_length_or_256():
+    """A Flux T5 tokenizer without a usable `min_length` gets T5's 256-token sequence (ComfyUI's FluxTokenizer)."""
+    class T5:
+        inv_vocab = {5: "\u2581red", 6: "\u2581cat", 1: "</s>"}
+        end_token, pad_token = 1, 0
+
+    class Clip:
+        def __init__(self, min_length):
+            self.tokenizer = type("FluxTokenizer", (), {"clip_l": object(), "t5xxl": T5()})()
+            if min_length != "absent":
+                self.tokenizer.t5xxl.min_length = min_length
+
+        def tokenize(self, text):
+            return {"t5xxl": [[(5, 1.0), (6, 1.0), (1, 1.0)]]}
+
+    for min_length, expected in (("absent", 256), (None, 256), (0, 256), (300, 300)):
+        got = tokens.tokenize_prompt(Clip(min_length), "red cat")
+        assert (got.length, got.encoder, got.word_ids) == (expected, "t5", (1, 2, 0)), min_length
+
+
 def test_replacement_mapper_after_a_multi_token_last_source_word(clip):
     """Source "grimalkin" (3 tokens) -> target "cat" (1): the target token reads all three; EOT and padding read the
     source tail, which starts after the source word's LAST token (clamped to position 76 at the end). Two empty
