@@ -1206,14 +1206,18 @@ def test_min_latent_side_counts_downsamplings_when_the_unet_has_no_channel_mult(
     assert comfy_model.min_latent_side(with_mult) == 4
 
 
-def test_fusion_loop_feeds_each_row_its_stream_alg1():
-    """Alg. 1's rows (source, t2i_bar, t2i, target_bar, target) read streams (source, t2i, t2i, target, target)."""
+@pytest.mark.parametrize("layout_name, expected", [("ALG1", [0.0, 1.0, 1.0, 2.0, 2.0]), ("ALG5", [0.0, 1.0, 1.0])])
+def test_fusion_loop_feeds_each_row_its_stream(layout_name, expected):
+    """Alg. 1's rows (source, t2i_bar, t2i, target_bar, target) read streams (source, t2i, t2i, target, target);
+    Alg. 5's rows (source, target_bar, target) read (source, target, target)."""
     fusion = pkg("inversion.fusion")
+    layout = getattr(fusion, layout_name)
     den = StubDenoiser(torch.zeros_like)
-    streams = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()
-    fusion.fusion_loop(den, streams, torch.tensor([1.0, 0.0]), fusion.ALG1, torch.ones(1, 1, 2, 2),
+    n = layout.streams
+    streams = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone()
+    fusion.fusion_loop(den, streams, torch.tensor([1.0, 0.0]), layout, torch.ones(1, 1, 2, 2),
                        edit_mod.SourceBranch(torch.zeros(2, 1, 2, 2)), lambda _i: {})
-    assert [x[:, 0, 0, 0].tolist() for x in den.calls] == [[0.0, 1.0, 1.0, 2.0, 2.0]]
+    assert [x[:, 0, 0, 0].tolist() for x in den.calls] == [expected]
 
 
 @pytest.mark.parametrize("layout_name, expected", [("ALG1", [[0, 1, 3], [0, 2, 4]]), ("ALG5", [[0, 1], [0, 2]])])

@@ -106,6 +106,16 @@ def test_a_prompt_overflows_its_block_when_it_has_more_ids_or_a_word_at_the_bloc
     assert short.chunks == 1 and not short.overlong
 
 
+def test_readable_tokens_leave_out_start_end_and_padding_and_an_empty_prompts_last_word_is_its_start():
+    pieces = ("<|startoftext|>", "red", "cat", "<|endoftext|>", "<|endoftext|>")
+    assert tokens.PromptTokens("red cat", (49406, 5, 6, 49407, 49407), pieces, (0, 1, 2, 0, 0), 49407).readable \
+        == "red, cat"
+    empty = tokens.PromptTokens("", (49406, 49407), pieces[:1] + pieces[3:4], (0, 0), 49407)
+    assert empty.readable == "(none)"
+    # no word: the start token's position, so an empty prompt's end token is at 1 (EmbCtrl, refinement's alignment)
+    assert empty.last_word_position() == 0 and pkg("attention.embctrl")._end(empty) == 1
+
+
 def test_t5_block_length_is_the_tokenizers_min_length_or_256():
     """A Flux T5 tokenizer without a usable `min_length` gets T5's 256-token sequence (ComfyUI's FluxTokenizer)."""
     class T5:
