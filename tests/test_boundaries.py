@@ -1235,6 +1235,20 @@ def test_fusion_loop_blends_each_streams_bar_row_outside_the_region_and_its_hat_
     assert [joined[0][:, 0, 0, cell].tolist() for cell in (0, 1)] == expected
 
 
+@pytest.mark.parametrize("layout_name", ["ALG1", "ALG5"])
+def test_fusion_loop_adds_direct_inversion_offsets_to_the_source_and_to_the_target_outside_the_region(layout_name):
+    """x_{i+1} = DDIM + d_i on the source stream; the target stream gets d_i on A^c only; no other stream gets it."""
+    fusion = pkg("inversion.fusion")
+    layout = getattr(fusion, layout_name)
+    region = torch.tensor([[[[0.0, 1.0]]]])
+    final = fusion.fusion_loop(StubDenoiser(torch.zeros_like), torch.zeros(layout.streams, 1, 1, 2),
+                               torch.tensor([1.0, 0.0]), layout, region,
+                               edit_mod.SourceBranch(torch.zeros(2, 1, 1, 2), offsets=torch.full((1, 1, 1, 2), 3.0)),
+                               lambda _i: {})
+    expected = [[3.0, 3.0]] + [[0.0, 0.0]] * (layout.streams - 2) + [[3.0, 0.0]]
+    assert final[:, 0, 0].tolist() == expected
+
+
 def test_fusion_row_contexts_give_each_c_t_row_its_own_negative_row():
     """Rows on C^S (source, t2i_bar, target_bar) take the step's ∅_t; the t2i and target rows take their own row of
     a per-row negative (the last row included)."""
