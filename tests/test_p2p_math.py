@@ -116,6 +116,18 @@ def test_readable_tokens_leave_out_start_end_and_padding_and_an_empty_prompts_la
     assert empty.last_word_position() == 0 and pkg("attention.embctrl")._end(empty) == 1
 
 
+def test_find_matches_word_tokens_up_to_the_last_word_and_never_start_end_or_padding():
+    """A word right before a full chunk's end token is found; an id run that reaches into SOT/EOT/padding is not a
+    word (SD2.x pads with id 0, the "!" piece)."""
+    full = tokens.PromptTokens("p", tuple(range(77)), ("w",) * 77, (0,) + tuple(range(1, 76)) + (0,), 49407)
+    assert full.find([75], "w75") == [75] and full.find([74, 75], "w74 w75") == [74, 75]
+    sd2 = tokens.PromptTokens("red", (49406, 5, 49407, 0, 0), ("", "red", "", "!", "!"), (0, 1, 0, 0, 0), 49407)
+    assert sd2.find([5], "red") == [1]
+    for run in ([0], [5, 49407], [49406, 5]):
+        with pytest.raises(tokens.PromptError, match="is not in the prompt 'red'"):
+            sd2.find(run, "x")
+
+
 def test_t5_block_length_is_the_tokenizers_min_length_or_256():
     """A Flux T5 tokenizer without a usable `min_length` gets T5's 256-token sequence (ComfyUI's FluxTokenizer)."""
     class T5:
