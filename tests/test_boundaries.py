@@ -1228,11 +1228,13 @@ def test_fusion_loop_blends_each_streams_bar_row_outside_the_region_and_its_hat_
     layout = getattr(fusion, layout_name)
     den = StubDenoiser(lambda x: torch.arange(x.shape[0], dtype=x.dtype).view(-1, 1, 1, 1).expand_as(x).clone())
     region = torch.tensor([[[[0.0, 1.0]]]])  # A^c on the left cell, A on the right
-    joined = []
-    fusion.fusion_loop(den, torch.zeros(layout.streams, 1, 1, 2), torch.tensor([1.0, 0.0]), layout, region,
-                       edit_mod.SourceBranch(torch.zeros(2, 1, 1, 2)), lambda _i: {},
-                       on_step=lambda _i, _s, j: joined.append(j))
-    assert [joined[0][:, 0, 0, cell].tolist() for cell in (0, 1)] == expected
+    seen = []
+    final = fusion.fusion_loop(den, torch.zeros(layout.streams, 1, 1, 2), torch.tensor([1.0, 0.0]), layout, region,
+                               edit_mod.SourceBranch(torch.zeros(2, 1, 1, 2)), lambda _i: {},
+                               on_step=lambda i, s, j: seen.append((i, s.clone(), j.clone())))
+    (step, streams, joined), = seen  # on_step(step, the streams after it, the blended predictions)
+    assert [joined[:, 0, 0, cell].tolist() for cell in (0, 1)] == expected
+    assert step == 0 and torch.equal(streams, final)
 
 
 @pytest.mark.parametrize("layout_name", ["ALG1", "ALG5"])
@@ -1258,6 +1260,20 @@ def test_fusion_row_contexts_give_each_c_t_row_its_own_negative_row():
     ctx = fusion.row_contexts(fusion.ALG1, edit_mod.SourceBranch(torch.zeros(3, 1, 2, 2), uncond), negative,
                               torch.zeros(1, 3, 4))(1)
     assert list(ctx) == [1] and ctx[1][:, 0, 0].tolist() == [-1.0, -1.0, 2.0, -1.0, 4.0]
+
+
+def test_fusion_row_contexts_put_per_step_source_tokens_on_c_s_rows_and_repeat_tokens_to_the_longer_prompt():
+    """Label 0: rows on C^S take the step's learned source tokens, the others their row of the target context; a
+    77-token step context beside a 154-token target is repeated along the tokens (ComfyUI's chunk rule)."""
+    fusion = pkg("inversion.fusion")
+    cond = torch.arange(3 * 77 * 2, dtype=torch.float32).view(3, 77, 2)
+    positive = torch.arange(5, dtype=torch.float32).view(5, 1, 1).expand(5, 154, 2) + 1000.0
+    ctx = fusion.row_contexts(fusion.ALG1, edit_mod.SourceBranch(torch.zeros(4, 1, 2, 2), cond=cond),
+                              torch.zeros(1, 77, 2), positive)(2)
+    assert list(ctx) == [0] and ctx[0].shape == (5, 154, 2)
+    for row, on_source in enumerate((True, True, False, True, False)):
+        expected = torch.cat([cond[2], cond[2]]) if on_source else positive[row]
+        assert torch.equal(ctx[0][row], expected), row
 
 
 def test_joint_layout_of_a_non_square_grid():
