@@ -31,6 +31,15 @@ def test_word_lookup_handles_case_punctuation_weights_and_multi_token_words(clip
         prompt.find(tokens.word_token_ids(clip, "dog"), "dog")
 
 
+def test_word_ids_number_words_from_one_and_give_start_end_and_padding_zero(clip):
+    """A punctuation mark is a word of its own; every chunk's start token, the end token and padding are word 0."""
+    short = tok(clip, "a red sunflower, twice")
+    assert short.word_ids[:8] == (0, 1, 2, 3, 4, 5, 0, 0) and set(short.word_ids[6:]) == {0}
+    long = tok(clip, " ".join(["red"] * 80))
+    assert len(long.ids) == 154 and long.word_ids[77] == 0 and long.word_ids[76] == 0
+    assert long.word_ids[75] == 75 and long.word_ids[78:80] == (76, 77)
+
+
 def test_replacement_mapper_hand_computed(clip):
     m = seq_align.replacement_mapper(tok(clip, "a photo of a cat"), tok(clip, "a photo of a grimalkin"))
     expected = torch.zeros(77, 77)
