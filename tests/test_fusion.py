@@ -359,6 +359,23 @@ def test_fusion_after_the_last_step_equals_plain_region_split_sampling(tiny, inv
     assert not torch.allclose(fused, target, atol=1e-4)
 
 
+def test_fusion_samples_a_latent_of_one_row_per_role_in_the_inversions_latent_shape(tiny, inversions, monkeypatch):
+    """The sampler's latent (its noise shape for ComfyUI's conditioning) is [rows, C, h, w], as a batch of images."""
+    comfy_model = pkg("inversion.comfy_model")
+    real, shapes = comfy_model.run_sampler, []
+
+    def spy(model, positive, negative, latent, *args, **kwargs):
+        shapes.append(tuple(latent.shape))
+        return real(model, positive, negative, latent, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_model, "run_sampler", spy)
+    inv = inversions["direct"]
+    area = (region()[:, ::8, ::8] > 0.5).float()[None]
+    with torch.inference_mode():
+        inv_fusion.fuse_image(tiny.model, inv, 0, comfy_model.encode_text(tiny.clip, TGT), area, None)
+    assert shapes == [(3, *inv.latents.shape[2:])] and len(inv.latents.shape[2:]) == 3
+
+
 def test_node_leaves_the_model_untouched_and_repeats(tiny, inversions, adapter_net):
     before = copy.deepcopy(tiny.model.model_options)
     cond = adapter_cond(tiny, adapter_net)
