@@ -376,6 +376,30 @@ def test_fusion_samples_a_latent_of_one_row_per_role_in_the_inversions_latent_sh
     assert shapes == [(3, *inv.latents.shape[2:])] and len(inv.latents.shape[2:]) == 3
 
 
+def test_alg1_starts_from_the_source_latent_sigma_0_times_the_noise_and_their_region_mix(tiny, inversions,
+                                                                                          monkeypatch):
+    """Alg. 1 lines 4 and 7: x_T^S from the inversion, x_T^t2i = sigma_0 x (ComfyUI's model space), x_T^T = 1_{A^c}
+    x_T^S + 1_A x_T^t2i."""
+    comfy_model = pkg("inversion.comfy_model")
+    real, starts = inv_fusion.fusion_loop, []
+
+    def spy(den, streams, *args, **kwargs):
+        starts.append(streams.clone())
+        return real(den, streams, *args, **kwargs)
+
+    monkeypatch.setattr(inv_fusion, "fusion_loop", spy)
+    inv = inversions["direct"]
+    area = (region()[:, ::8, ::8] > 0.5).float()[None]
+    noise = torch.randn(inv.latents.shape[2:], generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        inv_fusion.fuse_image(tiny.model, inv, 0, comfy_model.encode_text(tiny.clip, TGT), area, noise)
+    (streams,) = starts
+    assert torch.equal(streams[0], inv.latents[0, 0])  # latents[0]: the inverted noise latent, image 0
+    assert torch.allclose(streams[1], noise * float(inv.sigmas[0]))
+    assert torch.allclose(streams[2], torch.where(area[0].bool(), streams[1], streams[0]), atol=1e-6)
+    assert 0 < area.mean() < 1
+
+
 def test_node_leaves_the_model_untouched_and_repeats(tiny, inversions, adapter_net):
     before = copy.deepcopy(tiny.model.model_options)
     cond = adapter_cond(tiny, adapter_net)

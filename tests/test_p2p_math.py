@@ -35,9 +35,18 @@ def test_word_ids_number_words_from_one_and_give_start_end_and_padding_zero(clip
     """A punctuation mark is a word of its own; every chunk's start token, the end token and padding are word 0."""
     short = tok(clip, "a red sunflower, twice")
     assert short.word_ids[:8] == (0, 1, 2, 3, 4, 5, 0, 0) and set(short.word_ids[6:]) == {0}
+    # "!.," is one word of two BPE pieces, the first of which is id 0 ("!" without the end-of-word mark)
+    assert tok(clip, "a !.,").ids[:5] == (49406, 320, 0, 5276, 49407) and tok(clip, "a !.,").word_ids[:5] == \
+        (0, 1, 2, 2, 0)
     long = tok(clip, " ".join(["red"] * 80))
     assert len(long.ids) == 154 and long.word_ids[77] == 0 and long.word_ids[76] == 0
     assert long.word_ids[75] == 75 and long.word_ids[78:80] == (76, 77)
+
+
+def test_t5_word_ids_start_at_one_glue_unmarked_pieces_and_give_end_and_padding_zero():
+    raw = ["tail", "\u2581a", "\u2581sun", "flower", ",", "\u2581", "</s>", "<pad>"]
+    assert tokens.t5_word_ids(raw, [9, 3, 4, 5, 6, 7, 1, 0], end=1, pad=0) == [1, 2, 3, 3, 3, 4, 0, 0]
+    assert tokens.t5_word_ids(raw[1:], [3, 4, 5, 6, 7, 1, 0], end=1, pad=0) == [1, 2, 2, 2, 3, 0, 0]
 
 
 def test_replacement_mapper_hand_computed(clip):
