@@ -4,6 +4,7 @@ filters, non-symmetric inputs and odd latent sides. Each test names the planted 
 The table of what is pinned where is tests/README.md; tools/mutate.py checks that these tests kill planted edits.
 """
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -1291,6 +1292,25 @@ def test_instdiffedit_defaults_are_the_papers():
             masks_instant.LATENT_CELL) == ((1.0, 4.0, 6.0, 4.0, 1.0), 2, -0.5, 16, 8)
     s = inv_instant.InstantSettings()
     assert (s.phi, s.gamma1, s.gamma2) == (0.2, 0.9, 0.6)
+
+
+def test_mag_edit_defaults_are_the_papers():
+    """Sec. 4.1: MAX_IT = 15 updates per guided step, the first tau = 25 of 50 DDIM steps guided, Eq. 2's lambda = 3;
+    the reference code's step scale 2.5, a final blend over the last 15 of 50 steps with the mask grown one cell;
+    Eq. 3's weights 1. The guidance's and the node's defaults use them."""
+    mag = pkg("attention.mag")
+    assert (mag.MAX_IT, mag.TAU, mag.PAPER_STEPS, mag.SR_LAMBDA) == (15, 25, 50, 3.0)
+    assert (mag.SCALE, mag.BLEND_STEPS, mag.BLEND_DILATION, mag.LAMBDA_P, mag.LAMBDA_NG) == (2.5, 15, 1, 1.0, 1.0)
+    fields = {f.name: f.default for f in dataclasses.fields(mag.MAGGuidance)}
+    assert {k: fields[k] for k in ("scale", "max_iterations", "guidance_steps", "blend_steps", "sr_lambda",
+                                   "lambda_p", "lambda_ng")} == {"scale": 2.5, "max_iterations": 15,
+                                                                 "guidance_steps": 25, "blend_steps": 15,
+                                                                 "sr_lambda": 3.0, "lambda_p": 1.0, "lambda_ng": 1.0}
+    node = pkg("nodes.mag").AttnEditMAGGuidance.INPUT_TYPES()
+    widgets = {**node["required"], **node["optional"]}
+    assert [widgets[k][1]["default"] for k in ("max_iterations", "guidance_steps", "scale", "blend_steps")] == \
+        [15, 25, 2.5, 15]
+    assert widgets["guidance_steps"][1]["max"] == widgets["blend_steps"][1]["max"] == 50
 
 
 def test_word_maps_without_words_is_an_empty_stack_and_the_inverted_start_map():

@@ -1,5 +1,7 @@
 """Prompt-to-Prompt alignment and attention edits against hand-computed cases (real SD1 tokenizer, no model)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import pkg
@@ -147,23 +149,40 @@ def test_find_matches_word_tokens_up_to_the_last_word_and_never_start_end_or_pad
 
 
 def test_t5_block_length_is_the_tokenizers_min_length_or_256():
-    """A Flux T5 tokenizer without a usable `min_length` gets T5's 256-token sequence (ComfyUI's FluxTokenizer)."""
+    """A Flux T5 tokenizer without a usable `min_length` gets T5's 256-token sequence (ComfyUI's FluxTokenizer), at
+    least 1; a textual-inversion vector is id -1 (a piece of the word before it); a sub-tokenizer without
+    `pad_token` pads with id 0."""
     class T5:
         inv_vocab = {5: "\u2581red", 6: "\u2581cat", 1: "</s>"}
-        end_token, pad_token = 1, 0
+        end_token = 1
 
     class Clip:
-        def __init__(self, min_length):
+        def __init__(self, min_length, pad_token=0):
             self.tokenizer = type("FluxTokenizer", (), {"clip_l": object(), "t5xxl": T5()})()
             if min_length != "absent":
                 self.tokenizer.t5xxl.min_length = min_length
+            if pad_token is not None:
+                self.tokenizer.t5xxl.pad_token = pad_token
 
         def tokenize(self, text):
-            return {"t5xxl": [[(5, 1.0), (6, 1.0), (1, 1.0)]]}
+            return {"t5xxl": [[(5, 1.0), (torch.zeros(8), 1.0), (6, 1.0), (1, 1.0), (0, 1.0)]]}
 
-    for min_length, expected in (("absent", 256), (None, 256), (0, 256), (300, 300)):
-        got = tokens.tokenize_prompt(Clip(min_length), "red cat")
-        assert (got.length, got.encoder, got.word_ids) == (expected, "t5", (1, 2, 0)), min_length
+    for min_length, expected in (("absent", 256), (None, 256), (0, 256), (300, 300), (1, 1), (-3, 1)):
+        got = tokens.tokenize_prompt(Clip(min_length), "red <emb> cat")
+        assert (got.length, got.encoder, got.word_ids) == (expected, "t5", (1, 1, 2, 0, 0)), min_length
+    got = tokens.tokenize_prompt(Clip(300, pad_token=None), "red <emb> cat")
+    assert got.ids == (5, -1, 6, 1, 0) and got.word_ids == (1, 1, 2, 0, 0)
+
+
+def test_clip_start_and_end_tokens_default_to_clips_own_ids():
+    """A CLIP sub-tokenizer without `start_token` / `end_token` attributes: 49406 and 49407 (CLIP's vocabulary)."""
+    class Sub:
+        inv_vocab = {49406: "<|startoftext|>", 320: "a</w>", 49407: "<|endoftext|>"}
+
+    clip = SimpleNamespace(tokenizer=SimpleNamespace(clip_l=Sub()),
+                           tokenize=lambda text: {"l": [[(49406, 1.0), (320, 1.0)] + [(49407, 1.0)] * 75]})
+    got = tokens.tokenize_prompt(clip, "a")
+    assert got.word_ids[:3] == (0, 1, 0) and got.end_token == 49407 and got.readable == "a"
 
 
 def test_replacement_mapper_after_a_multi_token_last_source_word(clip):
