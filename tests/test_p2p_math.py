@@ -1,5 +1,6 @@
 """Prompt-to-Prompt alignment and attention edits against hand-computed cases (real SD1 tokenizer, no model)."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -183,6 +184,17 @@ def test_clip_start_and_end_tokens_default_to_clips_own_ids():
                            tokenize=lambda text: {"l": [[(49406, 1.0), (320, 1.0)] + [(49407, 1.0)] * 75]})
     got = tokens.tokenize_prompt(clip, "a")
     assert got.word_ids[:3] == (0, 1, 0) and got.end_token == 49407 and got.readable == "a"
+    # a word's own ids drop the start and end tokens (`tokens_start` 1 when the tokenizer does not say)
+    Sub.tokenizer = staticmethod(lambda piece: {"input_ids": [49406, 320, 49407]})
+    assert tokens.word_token_ids(clip, "a") == [320]
+
+
+def test_word_values_parse_and_refuse_items_without_a_word_or_a_number():
+    assert tokens.parse_word_values(" cat=2, (red car)=0.5,, ", "weights") == [("cat", 2.0), ("red car", 0.5)]
+    for item in ("cat", "=2", "cat=x", "()=1"):
+        with pytest.raises(tokens.PromptError, match=rf"`weights` item '{re.escape(item)}' is not of the form "
+                                                     "word=number"):
+            tokens.parse_word_values(f"dog=1, {item}", "weights")
 
 
 def test_replacement_mapper_after_a_multi_token_last_source_word(clip):
