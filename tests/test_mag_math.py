@@ -144,6 +144,13 @@ def test_fold_repeats_and_blend(mag):
     assert mag.fold_repeats(maps, 77) is maps
     with pytest.raises(ValueError, match="whole copies"):
         mag.fold_repeats(torch.rand(1, 2, 100), 77)
+    with pytest.raises(ValueError, match="does not hold whole copies of a 0-token prompt"):
+        mag.fold_repeats(torch.rand(1, 2, 3), 0)
+    # any leading dimensions; a one-token prompt sums the whole row
+    flat = torch.arange(6.0).view(1, 6)
+    assert mag.fold_repeats(flat, 3).tolist() == [[3.0, 5.0, 7.0]]
+    assert mag.fold_repeats(flat.view(1, 1, 1, 6), 2).tolist() == [[[[6.0, 9.0]]]]
+    assert mag.fold_repeats(flat, 1).tolist() == [[15.0]]
     target, source = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
     mask = torch.zeros(1, 4, 4)
     mask[:, 1] = 1
@@ -194,6 +201,7 @@ def test_common_columns_from_refine_alphas_or_the_target_words(mag):
     alphas = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
     assert mag.common_columns(10, alphas).tolist() == [1, 1, 0, 0, 1] * 2  # repeated over the prompt's chunks
     assert mag.common_columns(5, None, [2, 3]).tolist() == [1, 1, 0, 0, 1]
+    assert mag.common_columns(5, None, [1, 5, 9]).tolist() == [1, 0, 1, 1, 1]  # positions past the prompt: none
     with pytest.raises(ValueError, match="whole number"):
         mag.common_columns(7, alphas)
 
