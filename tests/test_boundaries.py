@@ -1313,6 +1313,27 @@ def test_mag_edit_defaults_are_the_papers():
     assert widgets["guidance_steps"][1]["max"] == widgets["blend_steps"][1]["max"] == 50
 
 
+def test_mag_guided_steps_scale_tau_to_runs_longer_than_the_papers():
+    """tau = 25 of 50 steps is the first half at any step count: 50 of 100, 5 of 10; none without iterations."""
+    mag = pkg("attention.mag")
+    guided = mag.MAGGuidance.guided_steps
+    assert [guided(SimpleNamespace(guidance_steps=25, max_iterations=15), n) for n in (10, 50, 100)] == [5, 25, 50]
+    assert guided(SimpleNamespace(guidance_steps=50, max_iterations=15), 100) == 100
+    assert guided(SimpleNamespace(guidance_steps=25, max_iterations=0), 100) == 0
+
+
+def test_default_capture_and_a_new_runs_counters():
+    """The inversion's default capture: running sums of the cond chunk's cross-attention at level 4 (the 16x16 maps
+    of a 512 px SD1 image), no live maps; a new run starts at step 0 of image 0 with no overrides."""
+    run_mod = pkg("attention.run")
+    spec = run_mod.CaptureSpec()
+    assert (spec.cross_levels, spec.self_levels, spec.labels) == (frozenset({4}), frozenset(), frozenset({0}))
+    assert (spec.live, spec.accumulate, spec.stop_after) == (False, True, None)
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source",))
+    assert (run.step, run.image, run.sigma, run.capture, run.velocity) == (0, 0, None, None, False)
+    assert run.context_override == {} and run.fill == {} and run.compute_labels is None and run.control_roles is None
+
+
 def test_word_maps_without_words_is_an_empty_stack_and_the_inverted_start_map():
     """No prompt words: zero word maps of the asked size (float), the start map still min-max normalised and inverted
     (the reference compares 255 - x), and Eq. 6-8 give no index word and empty similarities and roles."""
