@@ -1313,13 +1313,17 @@ def test_mag_edit_defaults_are_the_papers():
     assert widgets["guidance_steps"][1]["max"] == widgets["blend_steps"][1]["max"] == 50
 
 
-def test_mag_guided_steps_scale_tau_to_runs_longer_than_the_papers():
-    """tau = 25 of 50 steps is the first half at any step count: 50 of 100, 5 of 10; none without iterations."""
+def test_mag_guided_and_blend_steps_scale_to_runs_longer_than_the_papers():
+    """tau = 25 of 50 steps is the first half at any step count: 50 of 100, 5 of 10; none without iterations. The
+    blend's 15 of 50 likewise."""
     mag = pkg("attention.mag")
     guided = mag.MAGGuidance.guided_steps
     assert [guided(SimpleNamespace(guidance_steps=25, max_iterations=15), n) for n in (10, 50, 100)] == [5, 25, 50]
     assert guided(SimpleNamespace(guidance_steps=50, max_iterations=15), 100) == 100
     assert guided(SimpleNamespace(guidance_steps=25, max_iterations=0), 100) == 0
+    # the final blend covers the last 15 of 50 steps: from step 70 of 100, step 7 of 10
+    blend_start = mag.MAGGuidance.blend_start
+    assert [blend_start(SimpleNamespace(blend_steps=15), n) for n in (10, 100)] == [7, 70]
 
 
 def test_default_capture_and_a_new_runs_counters():
