@@ -1326,6 +1326,37 @@ def test_mag_guided_and_blend_steps_scale_to_runs_longer_than_the_papers():
     assert [blend_start(SimpleNamespace(blend_steps=15), n) for n in (10, 100)] == [7, 70]
 
 
+def test_mag_guidance_passes_capture_live_semantic_maps_without_adding_to_the_runs_sums():
+    """Each guidance iteration sees a capture of live cond cross maps at the semantic level only, stopped after the
+    last needed layer; it adds nothing to the run's running sums (heat maps, local blend), and the run's own capture
+    comes back after the step."""
+    mag, run_mod = pkg("attention.mag"), pkg("attention.run")
+    own = run_mod.CaptureSpec(cross_levels=frozenset({2, 4}))
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"), capture=own)
+    seen = []
+    hook = SimpleNamespace(guided_steps=lambda n: 1, max_iterations=2, stop_after=3,
+                           _iterate=lambda ctx, x, trace: (seen.append(run.capture), x + 1)[1])
+    ctx = SimpleNamespace(step=0, total_steps=4, denoiser=SimpleNamespace(run=run), state={}, x=torch.zeros(2),
+                          report=lambda n: None)
+    mag.MAGGuidance.before_step(hook, ctx)
+    expected = run_mod.CaptureSpec(cross_levels=frozenset({pkg("attention.layers").SEMANTIC_LEVEL}),
+                                   self_levels=frozenset(), labels=frozenset({0}), live=True, accumulate=False,
+                                   stop_after=3)
+    assert seen == [expected, expected] and run.capture is own and ctx.x.tolist() == [2.0, 2.0]
+
+
+def test_mag_final_blend_writes_the_target_rows_only():
+    """Outside the blend mask the target takes the source; inside it keeps its own; the source rows stay."""
+    mag = pkg("attention.mag")
+    hook = SimpleNamespace(blend_start=lambda n: 0, blend_masks=torch.tensor([[[0.0, 1.0]]]))
+    x_next = torch.tensor([[[0.0, 0.0]], [[5.0, 5.0]]])
+    ctx = SimpleNamespace(step=3, total_steps=4, image=0, state={}, x_next=x_next,
+                          rows=lambda role: {"source": [0], "target": [1]}[role])
+    mag.MAGGuidance.after_step(hook, ctx)
+    assert ctx.x_next.tolist() == [[[0.0, 0.0]], [[0.0, 5.0]]] and x_next[1].tolist() == [[5.0, 5.0]]
+    assert ctx.state[mag.STATE_KEY]["blended"] == [3]
+
+
 def test_default_capture_and_a_new_runs_counters():
     """The inversion's default capture: running sums of the cond chunk's cross-attention at level 4 (the 16x16 maps
     of a 512 px SD1 image), no live maps; a new run starts at step 0 of image 0 with no overrides."""

@@ -89,8 +89,9 @@ TEST_MAP = {
                                 "tests/test_dpl_steps.py", "tests/test_dpl_background.py"],
 }
 # Modules not in TEST_MAP run FAST plus the test files that name them; these files reach them only through nodes and
-# are added (Flux inversion runs engine.invert_image's flow branch).
-ALSO = {"inversion/engine.py": ["tests/test_flux.py"]}
+# are added (Flux inversion runs engine.invert_image's flow branch; the node's negative_words_prompt runs MAG-Edit's
+# negative-prompt pass).
+ALSO = {"inversion/engine.py": ["tests/test_flux.py"], "attention/mag.py": ["tests/test_mag_words.py"]}
 # The realistic one-line bugs of issue 22 that the suite used to miss: (file, text, replacement).
 PLANTED = [
     ("inversion/ddim.py", "x_in = x * scale", "x_in = x"),
