@@ -233,6 +233,36 @@ def test_negative_maps_are_read_from_their_own_prompt(mag):
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_guidance_loss_reads_target_words_on_the_target_maps_and_negative_words_on_their_own_prompts_maps(mag):
+    """One iteration with a negative-words prompt: Eq. 3's L_TR of the target word on the target prompt's maps minus
+    L_ng of the negative word on the negative prompt's maps, (1 - 0.5)^2 - (1 - 0.3)^2, as recorded in the trace."""
+    run_pkg, edit_pkg = pkg("attention.run"), pkg("inversion.edit")
+    negative = torch.randn(1, 6, 4)
+    target_row = torch.tensor([0.1, 0.5, 0.1, 0.1, 0.1, 0.1])  # target word (token 1): ratio 0.5
+    negative_row = torch.tensor([0.14, 0.14, 0.3, 0.14, 0.14, 0.14])  # negative word (token 2): ratio 0.3
+
+    class Denoiser:
+        def __init__(self):
+            self.run = run_pkg.RunState(torch.linspace(2.0, 0.0, 3), ("source", "target"))
+
+        def __call__(self, x, sigma, *, context=None, labels=None, fill=None):
+            own = context.get(0)
+            row = negative_row if own is not None and torch.equal(own, negative) else target_row
+            site = pkg("attention.layers").AttnSite("output", 3, 0, 4)
+            self.run.live.append(run_pkg.LiveMap(site, "cross", (1, 2), (0,), row.expand(2, 1, 2, 6).clone()))
+
+    hook = mag.MAGGuidance(targets=(((1,), 1.0),), negatives=((2,),), masks=torch.ones(1, 1, 1, 2),
+                           blend_masks=torch.ones(1, 1, 1, 2), semantic_masks=torch.ones(1, 2), semantic_grid=(1, 2),
+                           token_width=6, negative_context=negative, negative_width=6)
+    den = Denoiser()
+    ctx = edit_pkg.StepContext(0, den.run.sigmas, ("source", "target"), torch.zeros(2, 4, 1, 2), den, {},
+                               torch.zeros(3, 4, 1, 2))
+    trace = {"loss": {}, "target_ratio": {}, "negative_ratio": {}}
+    hook._iterate(ctx, ctx.x, trace)
+    assert trace["loss"][0] == [pytest.approx(0.5**2 - 0.7**2)]
+    assert trace["target_ratio"][0] == [pytest.approx([0.5])] and trace["negative_ratio"][0] == [pytest.approx([0.3])]
+
+
 def test_word_weight_tolerance_boundary(mag):
     """Eq. 5 weights must sum to 1 within WEIGHT_TOLERANCE = 1e-3: 1.0009 passes, 1.0011 is refused."""
     parse, resolve = mag.parse_weighted_words, mag.resolve_weights
