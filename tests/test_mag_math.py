@@ -1,5 +1,6 @@
 """MAG-Edit maths on planted maps (Mao et al. 2024, Eq. 1-5): hand-computed constraints, weights, the latent update."""
 
+import dataclasses
 import math
 
 import pytest
@@ -261,6 +262,13 @@ def test_guidance_loss_reads_target_words_on_the_target_maps_and_negative_words_
     hook._iterate(ctx, ctx.x, trace)
     assert trace["loss"][0] == [pytest.approx(0.5**2 - 0.7**2)]
     assert trace["target_ratio"][0] == [pytest.approx([0.5])] and trace["negative_ratio"][0] == [pytest.approx([0.3])]
+    # two target words with disjoint masks: the negative word is measured over their union
+    two = dataclasses.replace(hook, targets=(((1,), 0.5), ((3,), 0.5)), semantic_masks=torch.tensor([[[1.0, 0.0],
+                                                                                                      [0.0, 1.0]]]))
+    trace = {"loss": {}, "target_ratio": {}, "negative_ratio": {}}
+    two._iterate(ctx, ctx.x, trace)
+    assert trace["target_ratio"][0] == [pytest.approx([0.5, 0.1])] and trace["negative_ratio"][0] == \
+        [pytest.approx([0.3])]
 
 
 def test_word_weight_tolerance_boundary(mag):
