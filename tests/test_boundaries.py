@@ -1357,7 +1357,7 @@ def test_mag_final_blend_writes_the_target_rows_only():
     assert ctx.state[mag.STATE_KEY]["blended"] == [3]
 
 
-def test_default_capture_and_a_new_runs_counters():
+def test_default_capture_a_new_runs_counters_and_a_step_context():
     """The inversion's default capture: running sums of the cond chunk's cross-attention at level 4 (the 16x16 maps
     of a 512 px SD1 image), no live maps; a new run starts at step 0 of image 0 with no overrides."""
     run_mod = pkg("attention.run")
@@ -1367,6 +1367,12 @@ def test_default_capture_and_a_new_runs_counters():
     run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source",))
     assert (run.step, run.image, run.sigma, run.capture, run.velocity) == (0, 0, None, None, False)
     assert run.context_override == {} and run.fill == {} and run.compute_labels is None and run.control_roles is None
+    # a step hook's context: no step result yet, fresh state per step, image 0, no progress bar (report is a no-op)
+    ctx = edit_mod.StepContext(2, torch.tensor([2.0, 1.0, 0.5, 0.0]), ("source",), torch.zeros(1), None, {},
+                               torch.zeros(4, 1))
+    assert (ctx.x_next, ctx.denoised, ctx.state, ctx.image, ctx.progress) == (None, None, {}, 0, None)
+    assert ctx.report(3) is None and (ctx.sigma, ctx.sigma_next) == (0.5, 0.0)
+    assert edit_mod.StepContext(0, ctx.sigmas, (), ctx.x, None, {}, ctx.source_latents).state is not ctx.state
 
 
 def test_word_maps_without_words_is_an_empty_stack_and_the_inverted_start_map():
