@@ -1037,6 +1037,12 @@ def test_step_context_puts_the_steps_null_text_on_the_uncond_label_and_learned_t
     assert torch.equal(both[0], torch.stack([cond[2], target_context[1]]))
     per_step = edit_mod.SourceBranch(torch.zeros(4, 1, 2, 2), uncond, cond, target_cond=cond * 2)
     assert torch.equal(edit_mod.step_context(per_step, 0, (SOURCE, TARGET), target_context)[0][1], cond[0] * 2)
+    # a target context with more tokens than the per-step rows (a second chunk): theirs are repeated along T
+    long_target = torch.full((2, 4, 4), 9.0)
+    longer = edit_mod.step_context(per_step, 1, (SOURCE, TARGET), long_target)[0]
+    assert longer.shape == (2, 4, 4)
+    assert torch.equal(longer[0], torch.cat([cond[1], cond[1]])) and torch.equal(longer[1], torch.cat([cond[1],
+                                                                                                       cond[1]]) * 2)
 
 
 def test_edit_loop_defaults_free_source_rows_and_image_zero():
@@ -1371,7 +1377,11 @@ def test_default_capture_a_new_runs_counters_and_a_step_context():
     ctx = edit_mod.StepContext(2, torch.tensor([2.0, 1.0, 0.5, 0.0]), ("source",), torch.zeros(1), None, {},
                                torch.zeros(4, 1))
     assert (ctx.x_next, ctx.denoised, ctx.state, ctx.image, ctx.progress) == (None, None, {}, 0, None)
-    assert ctx.report(3) is None and (ctx.sigma, ctx.sigma_next) == (0.5, 0.0)
+    assert ctx.report(3) is None and (ctx.sigma, ctx.sigma_next, ctx.total_steps) == (0.5, 0.0, 3)
+    # a hook that overrides nothing changes nothing and reports no inner work
+    hook, before = edit_mod.StepHook(), ctx.x
+    assert hook.before_step(ctx) is None and hook.after_step(ctx) is None and ctx.x is before
+    assert hook.progress_units(10) == 0
     assert edit_mod.StepContext(0, ctx.sigmas, (), ctx.x, None, {}, ctx.source_latents).state is not ctx.state
 
 
