@@ -1045,6 +1045,32 @@ def test_step_context_puts_the_steps_null_text_on_the_uncond_label_and_learned_t
                                                                                                        cond[1]]) * 2)
 
 
+def test_flow_edit_loop_hands_hooks_and_on_step_the_x0_estimate_x_minus_sigma_v():
+    """With a flow solver the step's `denoised` is x - sigma * v at the step's start (ComfyUI's CONST), whatever the
+    solver returns as x_next."""
+    asked, seen = [], []
+
+    def solver(velocity, x, sigma, sigma_next):
+        v = velocity(x, sigma)
+        asked.append(sigma)
+        return x + (sigma_next - sigma) * v, v
+
+    class Velocity(StubDenoiser):
+        def __call__(self, x, sigma, context=None, velocity=False):
+            assert velocity
+            return super().__call__(x, sigma, context)
+
+    x = torch.full((1, 1, 1, 2), 2.0)
+    edit_mod.edit(Velocity(lambda z: 3.0 * z + 1.0), x, torch.tensor([0.5, 0.25, 0.0]), (TARGET,),
+                  edit_mod.SourceBranch(torch.zeros(3, 1, 1, 2)), solver=solver,
+                  on_step=lambda i, x_, d: seen.append((i, x_.clone(), d.clone())))
+    assert asked == [0.5, 0.25]
+    (i0, x1, d0), (i1, _, d1) = seen
+    assert i0 == 0 and torch.allclose(d0, torch.full_like(x, 2.0 - 0.5 * 7.0))  # v = 3 * 2 + 1 = 7
+    assert torch.allclose(x1, torch.full_like(x, 2.0 - 0.25 * 7.0))  # Euler to sigma 0.25: 0.25
+    assert i1 == 1 and torch.allclose(d1, x1 - 0.25 * (3.0 * x1 + 1.0))
+
+
 def test_edit_loop_defaults_free_source_rows_and_image_zero():
     """Without `pin` the source row follows its own DDIM steps (not the inversion latents), and hooks see image 0."""
     seen = []
