@@ -1389,6 +1389,23 @@ def test_mag_final_blend_writes_the_target_rows_only():
     assert ctx.state[mag.STATE_KEY]["blended"] == [3]
 
 
+def test_running_sums_average_the_captured_chunks_of_a_call_row_by_row():
+    """A capture of both labels in a call laid out (uncond, cond): the head-mean maps of the two chunks are averaged
+    row by row (branch b of each chunk), then summed over calls; live maps keep every picked row, cond first."""
+    run_mod, layers = pkg("attention.run"), pkg("attention.layers")
+    spec = run_mod.CaptureSpec(labels=frozenset({0, 1}), live=True)
+    run = run_mod.RunState(torch.tensor([1.0, 0.0]), ("source", "target"), capture=spec)
+    probs = torch.arange(4 * 2 * 1 * 1, dtype=torch.float32).view(4, 2, 1, 1)  # rows 0-1 uncond, 2-3 cond; 2 heads
+    call = run_mod.AttnCall(torch.zeros(4, 1, 2), torch.zeros(4, 1, 2), torch.zeros(4, 1, 2), 2, "cross",
+                            layers.AttnSite("output", 3, 0, 4), (1, 1), run_mod.BatchLayout((1, 0), 2), run, 1.0)
+    run.record(call, probs)
+    run.record(call, probs)
+    heads = probs.mean(1)  # [4, 1, 1]: 0.5, 2.5, 4.5, 6.5
+    expected = torch.stack([(heads[2] + heads[0]) / 2, (heads[3] + heads[1]) / 2])
+    assert torch.equal(run.mean_map("cross", 4), expected) and run.counts[("cross", 4)] == 2
+    assert run.live[0].labels == (0, 1) and torch.equal(run.live[0].probs, probs[[2, 3, 0, 1]])
+
+
 def test_default_capture_a_new_runs_counters_and_a_step_context():
     """The inversion's default capture: running sums of the cond chunk's cross-attention at level 4 (the 16x16 maps
     of a 512 px SD1 image), no live maps; a new run starts at step 0 of image 0 with no overrides."""
