@@ -1324,6 +1324,8 @@ def test_instdiffedit_defaults_are_the_papers():
             masks_instant.LATENT_CELL) == ((1.0, 4.0, 6.0, 4.0, 1.0), 2, -0.5, 16, 8)
     s = inv_instant.InstantSettings()
     assert (s.phi, s.gamma1, s.gamma2) == (0.2, 0.9, 0.6)
+    # r = 0.5, 50 steps, cfg 7.5, n = 3 rounds (paper); the finish is the inpainting model at its default strength 1
+    assert (s.strength, s.steps, s.cfg, s.seeds, s.finish, s.finish_denoise) == (0.5, 50, 7.5, 3, "inpaint", 1.0)
 
 
 def test_mag_edit_defaults_are_the_papers():
@@ -1404,6 +1406,21 @@ def test_running_sums_average_the_captured_chunks_of_a_call_row_by_row():
     expected = torch.stack([(heads[2] + heads[0]) / 2, (heads[3] + heads[1]) / 2])
     assert torch.equal(run.mean_map("cross", 4), expected) and run.counts[("cross", 4)] == 2
     assert run.live[0].labels == (0, 1) and torch.equal(run.live[0].probs, probs[[2, 3, 0, 1]])
+
+
+def test_clearing_a_run_drops_every_tensor_and_resets_the_wrapper_knobs():
+    """What `clear` (the sampling node's `finally`) leaves: no tensor references and the wrapper's knobs off, so
+    nothing of one queued workflow reaches the next."""
+    run = pkg("attention.run").RunState(torch.tensor([1.0, 0.0]), ("source",))
+    t = torch.ones(1)
+    run.context_override[0], run.fill[0], run.outputs[0] = t, t, t
+    run.live.append(t)
+    run.sums[("cross", 4)], run.counts[("cross", 4)], run.scratch["x"] = t, 1, t
+    run.memo("k", lambda: t)
+    run.compute_labels, run.sigma, run.velocity = frozenset({0}), 0.5, True
+    run.clear()
+    assert not (run.context_override or run.fill or run.outputs or run.live or run.sums or run.counts or run.scratch)
+    assert (run.compute_labels, run.sigma, run.velocity) == (None, None, False) and run.memo("k", lambda: 2) == 2
 
 
 def test_default_capture_a_new_runs_counters_and_a_step_context():
