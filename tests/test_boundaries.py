@@ -1314,6 +1314,20 @@ def test_joint_layout_of_a_non_square_grid():
     assert layout.image == 10 and layout.fits(13) and not layout.fits(28)
 
 
+def test_instdiffedit_loop_reports_each_step_and_averages_seeds_on_a_non_square_grid():
+    """`on_step(step, x after it, the step's x0 estimate)`; the seed average of [n, N, T] maps reads N row-major on
+    an (h, w) grid that is not square."""
+    inv_instant = pkg("inversion.instant")
+    seen = []
+    x0, noise = torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2)
+    inv_instant.masked_denoise(lambda x, s: 0.5 * x, x0, noise, torch.tensor([2.0, 1.0, 0.0]),
+                               lambda i: torch.ones(1, 1, 1, 2), on_step=lambda i, x, d: seen.append((i, x, d)))
+    assert [(i, x.flatten().tolist(), d.flatten().tolist()) for i, x, d in seen] == [
+        (0, [1.5, 1.5], [1.0, 1.0]), (1, [0.75, 0.75], [0.75, 0.75])]  # x_T = 2; DDIM 2 -> 1 -> 0
+    maps = torch.arange(2 * 6 * 1, dtype=torch.float32).view(2, 6, 1)
+    assert inv_instant.seed_average(maps, (2, 3))[..., 0].tolist() == [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+
+
 def test_instdiffedit_defaults_are_the_papers():
     """Eq. 8 thresholds gamma1 0.9 / gamma2 0.6 and Eq. 9's phi 0.2 (paper "Implementation"), the reference's blur
     (5-tap OpenCV table, twice) and PIL's bicubic a = -0.5, a 16 px feathered paste-back; the run's defaults use
