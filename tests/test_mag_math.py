@@ -234,10 +234,21 @@ def test_negative_maps_are_read_from_their_own_prompt(mag):
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def _negative_prompt_hook(mag, negative, den):
+    """MAG-Edit guiding token 1 and lowering token 2 of its own 6-token negative prompt on a 1x2 semantic grid, and
+    step 0's context of the rows (source, target) on `den`."""
+    hook = mag.MAGGuidance(targets=(((1,), 1.0),), negatives=((2,),), masks=torch.ones(1, 1, 1, 2),
+                           blend_masks=torch.ones(1, 1, 1, 2), semantic_masks=torch.ones(1, 2), semantic_grid=(1, 2),
+                           token_width=6, negative_context=negative, negative_width=6)
+    ctx = pkg("inversion.edit").StepContext(0, den.run.sigmas, ("source", "target"), torch.zeros(2, 4, 1, 2), den, {},
+                                            torch.zeros(3, 4, 1, 2))
+    return hook, ctx
+
+
 def test_guidance_loss_reads_target_words_on_the_target_maps_and_negative_words_on_their_own_prompts_maps(mag):
     """One iteration with a negative-words prompt: Eq. 3's L_TR of the target word on the target prompt's maps minus
     L_ng of the negative word on the negative prompt's maps, (1 - 0.5)^2 - (1 - 0.3)^2, as recorded in the trace."""
-    run_pkg, edit_pkg = pkg("attention.run"), pkg("inversion.edit")
+    run_pkg = pkg("attention.run")
     negative = torch.randn(1, 6, 4)
     target_row = torch.tensor([0.1, 0.5, 0.1, 0.1, 0.1, 0.1])  # target word (token 1): ratio 0.5
     negative_row = torch.tensor([0.14, 0.14, 0.3, 0.14, 0.14, 0.14])  # negative word (token 2): ratio 0.3
@@ -252,12 +263,8 @@ def test_guidance_loss_reads_target_words_on_the_target_maps_and_negative_words_
             site = pkg("attention.layers").AttnSite("output", 3, 0, 4)
             self.run.live.append(run_pkg.LiveMap(site, "cross", (1, 2), (0,), row.expand(2, 1, 2, 6).clone()))
 
-    hook = mag.MAGGuidance(targets=(((1,), 1.0),), negatives=((2,),), masks=torch.ones(1, 1, 1, 2),
-                           blend_masks=torch.ones(1, 1, 1, 2), semantic_masks=torch.ones(1, 2), semantic_grid=(1, 2),
-                           token_width=6, negative_context=negative, negative_width=6)
     den = Denoiser()
-    ctx = edit_pkg.StepContext(0, den.run.sigmas, ("source", "target"), torch.zeros(2, 4, 1, 2), den, {},
-                               torch.zeros(3, 4, 1, 2))
+    hook, ctx = _negative_prompt_hook(mag, negative, den)
     trace = {"loss": {}, "target_ratio": {}, "negative_ratio": {}}
     hook._iterate(ctx, ctx.x, trace)
     assert trace["loss"][0] == [pytest.approx(0.5**2 - 0.7**2)]
@@ -284,7 +291,7 @@ def test_word_weight_tolerance_boundary(mag):
 def test_negative_prompt_pass_runs_without_a_target_row_and_restores_the_roles(mag):
     """The negative-words pass: the denoiser sees the negative context for the cond chunk and no row with the target
     role (so Prompt-to-Prompt does not edit it); the roles come back afterwards, also when the pass fails."""
-    run_pkg, edit_pkg = pkg("attention.run"), pkg("inversion.edit")
+    run_pkg = pkg("attention.run")
     seen = []
 
     class Denoiser:
@@ -300,12 +307,8 @@ def test_negative_prompt_pass_runs_without_a_target_row_and_restores_the_roles(m
             self.run.live.append(run_pkg.LiveMap(site, "cross", (1, 2), (0,), torch.full((2, 1, 2, 6), 1 / 6)))
 
     negative = torch.randn(1, 6, 4)
-    hook = mag.MAGGuidance(targets=(((1,), 1.0),), negatives=((2,),), masks=torch.ones(1, 1, 1, 2),
-                           blend_masks=torch.ones(1, 1, 1, 2), semantic_masks=torch.ones(1, 2), semantic_grid=(1, 2),
-                           token_width=6, negative_context=negative, negative_width=6)
     den = Denoiser()
-    ctx = edit_pkg.StepContext(0, den.run.sigmas, ("source", "target"), torch.zeros(2, 4, 1, 2), den, {},
-                               torch.zeros(3, 4, 1, 2))
+    hook, ctx = _negative_prompt_hook(mag, negative, den)
     maps = hook._negative_maps(ctx, ctx.x)
     assert seen[0][0] == ("source", mag.NEGATIVE_ROLE) and torch.equal(seen[0][1], negative)
     assert len(maps) == 1 and maps[0][0].shape == (1, 2, 6) and den.run.roles == ("source", "target")
