@@ -483,13 +483,19 @@ def base_id(nodeid: str) -> str:
     return nodeid.split("[")[0]
 
 
-def tests_running(coverage: dict, lines: set[int]) -> list[str]:
-    """The traced tests that executed any of `lines`, as `base_id`s, once each, quickest first (traced seconds summed
-    over parameters; ties in run order): a run stops at its first failure, so a mutant is killed sooner."""
-    ids = list(dict.fromkeys(base_id(nodeid) for nodeid, ran in coverage["lines"].items() if lines & set(ran)))
+def traced_seconds(coverage: dict) -> dict[str, float]:
+    """Traced seconds per `base_id` (a test's parameters summed)."""
     seconds: dict[str, float] = {}
     for nodeid, took in coverage.get("seconds", {}).items():
         seconds[base_id(nodeid)] = seconds.get(base_id(nodeid), 0.0) + took
+    return seconds
+
+
+def tests_running(coverage: dict, lines: set[int]) -> list[str]:
+    """The traced tests that executed any of `lines`, as `base_id`s, once each, quickest first (`traced_seconds`; ties
+    in run order): a run stops at its first failure, so a mutant is killed sooner."""
+    ids = list(dict.fromkeys(base_id(nodeid) for nodeid, ran in coverage["lines"].items() if lines & set(ran)))
+    seconds = traced_seconds(coverage)
     return sorted(ids, key=lambda i: seconds.get(i, 0.0))
 
 
@@ -625,7 +631,8 @@ def run_mutants(mutants: list[Mutant], out_dir: str, mode: str, timeout: float |
                     _record(results, m, "survived", 0.0, [], mode, log, " (no test runs this line)", uncovered=True)
                     continue
                 if chosen:
-                    took_all = sum(v for k, v in coverages[m.file]["seconds"].items() if base_id(k) in chosen)
+                    seconds = traced_seconds(coverages[m.file])
+                    took_all = sum(seconds.get(t, 0.0) for t in chosen)
                     status, took = runner.run(m, chosen, timeout or 3 * took_all + 30, log)
                     _record(results, m, status, took, chosen, mode, log, f" ({len(chosen)} tests)")
                     continue
